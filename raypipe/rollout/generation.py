@@ -1,0 +1,115 @@
+"""Sampling as a Ray Data stage over long-lived, actor-held engines.
+
+`ray.data.llm` starts a fresh engine on every dataset execution (about a minute on CPU), and one round runs many
+short passes (sample, several branching levels, evaluations). So the engines live in `EngineActor`s owned by an
+`EnginePool` for the whole run, and each pass is a Ray Data `map_batches` whose lightweight workers forward
+batches to them. Between rounds the actors swap weights in place (`load_weights`) instead of restarting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import pandas as pd
+import ray
+
+from raypipe.config import EngineConfig
+from raypipe.engines.base import SamplingSpec
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote
+class EngineActor:
+    """Holds one generator for its whole life; the policy changes only through `load_weights`."""
+
+    def __init__(self, cfg: EngineConfig, model_dir: str) -> None:
+        from raypipe.engines import make_generator
+
+        self.generator = make_generator(cfg, model_dir)
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[dict[str, Any]]]:
+        return [[asdict(c) for c in group] for group in self.generator.generate(prompts, spec)]
+
+    def load_weights(self, model_dir: str) -> None:
+        self.generator.load_weights(model_dir)
+
+
+class EnginePool:
+    """The run's engine actors, started lazily on first use and pointed at one model directory at a time."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.model_dir: str | None = None
+        self.handles: list[ray.actor.ActorHandle] = []
+
+    def use(self, model_dir: str) -> EnginePool:
+        """Make every engine serve `model_dir`: start them, or reload weights if they serve another model."""
+        model_dir = str(model_dir)
+        if not self.handles:
+            start = time.perf_counter()
+            options = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus}
+            self.handles = [EngineActor.options(**options).remote(self.cfg, model_dir)
+                            for _ in range(self.cfg.num_engines)]
+            ray.get([h.__ray_ready__.remote() for h in self.handles])
+            log.info("started %d %s engine(s) in %.1fs", len(self.handles), self.cfg.backend,
+                     time.perf_counter() - start)
+        elif model_dir != self.model_dir:
+            ray.get([h.load_weights.remote(model_dir) for h in self.handles])
+        self.model_dir = model_dir
+        return self
+
+    def shutdown(self) -> None:
+        for handle in self.handles:
+            ray.kill(handle)
+        self.handles, self.model_dir = [], None
+
+
+class _ForwardToEngine:
+    """Ray Data UDF: sends each batch of prompts to one of the pool's engines, one output row per completion."""
+
+    def __init__(self, handles: list[ray.actor.ActorHandle], spec: SamplingSpec) -> None:
+        self.engines = itertools.cycle(handles)
+        self.spec = spec
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        prompts = [list(map(int, ids)) for ids in batch["prompt_ids"]]
+        groups = ray.get(next(self.engines).generate.remote(prompts, self.spec))
+        rows = []
+        for record, group in zip(batch.to_dict("records"), groups):
+            for sample_idx, completion in enumerate(group):
+                rows.append({**record, "sample_idx": sample_idx, "completion_ids": completion["token_ids"],
+                             "completion": completion["text"], "finish_reason": completion["finish_reason"],
+                             "num_tokens": len(completion["token_ids"])})
+        return pd.DataFrame(rows)
+
+
+def generate_rows(pool: EnginePool, rows: Sequence[dict[str, Any]], spec: SamplingSpec) -> list[dict[str, Any]]:
+    """Sample `spec.n` completions for every row's `prompt_ids`; other columns are carried through.
+
+    Returns one row per completion (`sample_idx`, `completion_ids`, `completion`, `finish_reason`,
+    `num_tokens`), in input order.
+    """
+    if not rows:
+        return []
+    indexed = [{**row, "_row": i} for i, row in enumerate(rows)]
+    dataset = ray.data.from_items(indexed).map_batches(
+        _ForwardToEngine,
+        fn_constructor_args=(pool.handles, spec),
+        batch_size=pool.cfg.batch_size,
+        batch_format="pandas",
+        concurrency=len(pool.handles),
+        num_cpus=0.1,
+    )
+    out = dataset.to_pandas().sort_values(["_row", "sample_idx"], kind="stable")
+    return [{k: _plain(v) for k, v in r.items() if k != "_row"} for r in out.to_dict("records")]
+
+
+def _plain(value: Any) -> Any:
+    """Arrow hands lists back as numpy arrays; the rest of the pipeline wants plain lists."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (int, float, str)) else value

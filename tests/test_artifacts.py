@@ -1,0 +1,42 @@
+"""Stage artefacts: a matching manifest skips the stage; a changed config or input, or a missing one, reruns it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raypipe.artifacts import ArtifactStore, write_rows
+
+
+def _stage(calls: list[str], name: str):
+    def body(out: Path) -> dict:
+        calls.append(name)
+        return {"rows": write_rows(out, [{"x": 1}, {"x": 2}])}
+    return body
+
+
+def test_resume_skips_matching_stages_and_reruns_changed_ones(tmp_path: Path) -> None:
+    calls: list[str] = []
+    store = ArtifactStore(tmp_path)
+    a = store.run(1, "a", {"k": 1}, [], _stage(calls, "a"))
+    b = store.run(1, "b", None, [a], _stage(calls, "b"))
+    assert calls == ["a", "b"] and b.rows() == [{"x": 1}, {"x": 2}]
+    assert b.manifest["inputs"] == {"round_1/a": a.fingerprint}
+
+    again = ArtifactStore(tmp_path)
+    a2 = again.run(1, "a", {"k": 1}, [], _stage(calls, "a"))
+    again.run(1, "b", None, [a2], _stage(calls, "b"))
+    assert calls == ["a", "b"] and again.skipped == ["round_1/a", "round_1/b"]
+
+    changed = ArtifactStore(tmp_path)
+    a3 = changed.run(1, "a", {"k": 2}, [], _stage(calls, "a"))
+    changed.run(1, "b", None, [a3], _stage(calls, "b"))
+    assert calls == ["a", "b", "a", "b"], "a config change reruns the stage and everything downstream"
+
+
+def test_a_stage_without_manifest_is_redone(tmp_path: Path) -> None:
+    calls: list[str] = []
+    ArtifactStore(tmp_path).run(0, "a", None, [], _stage(calls, "a"))
+    (tmp_path / "round_0" / "a" / "manifest.json").unlink()  # as if killed before finishing
+    store = ArtifactStore(tmp_path)
+    store.run(0, "a", None, [], _stage(calls, "a"))
+    assert calls == ["a", "a"] and store.executed == ["round_0/a"]
