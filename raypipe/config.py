@@ -154,7 +154,7 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimiser for SFT."""
     max_steps: int = 4000
-    """Hard cap on optimiser steps (the cosine schedule spans it)."""
+    """Hard cap on optimiser steps (the cosine schedule spans it); 0 skips SFT (a model that needs none)."""
     eval_every_steps: int = 100
     """Greedy dev-set evaluation interval."""
     target_accuracy: float = 0.6

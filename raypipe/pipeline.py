@@ -116,14 +116,13 @@ class Pipeline:
         dev = self.splits["dev"]
 
         def body(out: Path) -> dict[str, Any]:
+            if not sft.max_steps:
+                return {"model_dir": model_dir(init), "steps": 0}
             job = TrainJob(kind="sft", model_dir=model_dir(init), output_dir=str(out / "model"),
                            data_path=str(data.dir / "data.parquet"), optim=sft.optim, epochs=10_000,
                            max_steps=sft.max_steps, seed=cfg.seed, log_path=str(out / "train_log.jsonl"),
-                           dev_eval=DevEval(prompts=[p.prompt for p in dev], answers=[str(p.answer) for p in dev],
-                                            kind="synthetic", every_steps=sft.eval_every_steps,
-                                            target_accuracy=sft.target_accuracy, plateau_evals=sft.plateau_evals,
-                                            min_improvement=sft.min_improvement, min_accuracy=sft.min_accuracy,
-                                            max_new_tokens=cfg.eval.max_new_tokens))
+                           dev_eval=DevEval.from_config(sft, [p.prompt for p in dev], [str(p.answer) for p in dev],
+                                                        "synthetic", cfg.eval.max_new_tokens))
             return self._train(job, out, "sft")
 
         return self.store.run(0, "sft", (sft, cfg.train, cfg.seed), [data, init], body)
