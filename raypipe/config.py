@@ -35,7 +35,7 @@ class TaskConfig:
     """Largest start value / operand. Bigger numbers mean more digits and a later learning phase transition."""
     operations: list[str] = field(default_factory=lambda: ["+", "-"])
     """Operations to draw from: any of '+', '-', '*'. A '-' that would go below 0 becomes '+'."""
-    sft_problems: int = 1000
+    sft_problems: int = 2000
     """Problems WITH worked solutions (the small SFT set). SFT plateaus lower with fewer."""
     pool_questions: int = 4000
     """Questions with final answers only: what the self-generated-data methods sample on."""
@@ -157,7 +157,7 @@ class SFTConfig:
     """Hard cap on optimiser steps (the cosine schedule spans it); 0 skips SFT (a model that needs none)."""
     eval_every_steps: int = 100
     """Greedy dev-set evaluation interval."""
-    target_accuracy: float = 0.6
+    target_accuracy: float = 0.5
     """Stop once dev accuracy reaches this (the 20-80% band leaves room for preference methods)."""
     plateau_evals: int = 6
     """Stop when dev accuracy has not improved by min_improvement in this many evaluations..."""

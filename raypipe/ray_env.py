@@ -28,4 +28,5 @@ def init_ray(num_cpus: int, use_gpu: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+        # the dashboard serves the State API, which Ray Train's placement-group cleaner polls
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True)

@@ -56,14 +56,24 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
 
 
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+    """The per-round figures, then the wall time of every stage (stages as rows, rounds as columns)."""
+    console = console or Console(width=120)
     table = Table(title=f"raypipe run '{summary['run']}' ({summary['method']})")
-    for column in (*SUMMARY_COLUMNS, "stage_seconds"):
-        table.add_column(column, justify="right" if column != "stage_seconds" else "left")
+    for column in SUMMARY_COLUMNS:
+        table.add_column(column, justify="right")
     for row in summary["rounds"]:
-        cells = [_fmt(row[c]) for c in SUMMARY_COLUMNS]
-        cells.append(", ".join(f"{k} {v:.0f}s" for k, v in row["stage_seconds"].items()))
-        table.add_row(*cells)
-    (console or Console()).print(table)
+        table.add_row(*(_fmt(row[c]) for c in SUMMARY_COLUMNS))
+    console.print(table)
+    timing = Table(title="stage seconds")
+    timing.add_column("stage")
+    stages: dict[str, list[str]] = {}
+    for row in summary["rounds"]:
+        timing.add_column(f"round {row['round']}", justify="right")
+        for name, seconds in row["stage_seconds"].items():
+            stages.setdefault(name, []).append(f"{seconds:.1f}")
+    for name, cells in stages.items():
+        timing.add_row(name, *cells)
+    console.print(timing)
 
 
 def _fmt(value: Any) -> str:

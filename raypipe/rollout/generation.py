@@ -103,7 +103,7 @@ def generate_rows(pool: EnginePool, rows: Sequence[dict[str, Any]], spec: Sampli
         fn_constructor_args=(pool.handles, spec),
         batch_size=pool.cfg.batch_size,
         batch_format="pandas",
-        concurrency=len(pool.handles),
+        compute=ray.data.ActorPoolStrategy(size=len(pool.handles)),
         num_cpus=0.1,
     )
     out = dataset.to_pandas().sort_values(["_row", "sample_idx"], kind="stable")
