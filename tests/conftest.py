@@ -30,3 +30,27 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, task_cfg: TaskConfi
     splits = load_splits(task_cfg)
     corpus = [p.prompt + p.solution for p in splits["sft"]] + [p.prompt for p in splits["pool"]]
     return save_tiny_model(ModelConfig(), corpus, tmp_path_factory.mktemp("tiny_model"))
+
+
+E2E_OVERRIDES = [
+    # an easier task and small sizes: a model that learns in about a minute, a round that takes a few more
+    "task.num_steps_min=2", "task.num_steps_max=2", "task.operand_max=30", "task.sft_problems=2000",
+    "task.pool_questions=400", "task.dev_problems=100", "task.test_problems=100",
+    "sft.target_accuracy=0.5", "sft.max_steps=1500", "sft.eval_every_steps=50", "sft.optim.warmup_steps=50",
+    "sampling.questions_per_round=48", "sampling.samples_per_question=6", "sampling.max_new_tokens=48",
+    "branch.rollouts=6", "eval.max_new_tokens=48", "engine.batch_size=128", "wandb.mode=offline",
+]
+
+
+@pytest.fixture(scope="session")
+def e2e_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One true end-to-end run (SFT, then sample -> grade -> branch -> build -> reference -> train -> evaluate).
+
+    Session-scoped: the e2e, resume and branching tests all read this run instead of paying for their own.
+    """
+    from raypipe.config import load_config
+    from raypipe.pipeline import Pipeline
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "conf" / "quickstart.yaml",
+                      [*E2E_OVERRIDES, f"output_dir={tmp_path_factory.mktemp('runs')}", "name=e2e"])
+    return {"cfg": cfg, "summary": Pipeline(cfg).run()}

@@ -5,7 +5,7 @@ from raypipe.engines.base import Completion, Generator, SamplingSpec
 
 
 def make_generator(cfg: EngineConfig, model_dir: str) -> Generator:
-    """Load `model_dir` into the configured engine; imports the engine lazily (vLLM takes seconds to import)."""
+    """Load `model_dir` into the configured engine, imported lazily (importing vLLM takes seconds)."""
     if cfg.backend == "vllm":
         from raypipe.engines.vllm import VLLMGenerator
 

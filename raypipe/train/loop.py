@@ -1,0 +1,285 @@
+"""The per-worker body of `run_training`: DeepSpeed on one Ray Train rank.
+
+Every rank runs the same number of steps, log intervals, dev evaluations and `ray.train.report` calls, so the
+collectives inside (DeepSpeed's and ours) always line up. The rank's shard is read into memory once: iterating a
+Ray Data shard anew each epoch costs about a second per epoch on a small CPU, which small rounds cannot afford.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from raypipe.train.collate import pad_sequences, truncate_left
+from raypipe.train.losses import dpo_loss, preference_metrics, sequence_logps, sft_loss
+
+if TYPE_CHECKING:
+    from raypipe.config import OptimConfig, TrainConfig
+    from raypipe.train.trainer import DevEval, TrainJob
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "train_summary.json"
+"""Written into the export by rank 0: steps, tokens, train time, last metrics, dev history, stop reason."""
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
+                    "*.jinja", "*.tiktoken", "spiece.model")
+"""What the export copies from the start directory (weights and config come from the trained model)."""
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier for optimiser step `step` (0-based): linear warmup to 1, cosine down to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_ds_config(optim: OptimConfig, cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config: torch's AdamW (no JIT-built kernels, so it runs on CPU), the chosen ZeRO stage."""
+    micro = optim.batch_size // world_size
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro * world_size,
+        "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "weight_decay": optim.weight_decay,
+                                                  "torch_adam": True}},
+        "gradient_clipping": optim.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class _Interval:
+    """Sums over the steps since the last log line (tensors stay tensors until the log: no per-step sync)."""
+
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    loss: torch.Tensor | float = 0.0
+    chosen: list[torch.Tensor] = field(default_factory=list)
+    rejected: list[torch.Tensor] = field(default_factory=list)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function: load, train, log, evaluate on dev, export, report."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    job: TrainJob = config["job"]
+    cfg: TrainConfig = config["train"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if cfg.use_gpu:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cfg.cpus_per_worker)  # Ray leaves OMP_NUM_THREADS=1 in workers
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    started = time.perf_counter()
+    rows = _read_rows(job)
+    read_seconds = time.perf_counter() - started
+    n_rows = int(_all_reduce([len(rows)], device, dist.ReduceOp.MIN)[0])
+    if n_rows == 0:
+        raise ValueError(f"rank {rank} received no training rows from {job.data_path}")
+    micro = job.optim.batch_size // world
+    planned = job.epochs * math.ceil(n_rows / micro)
+    total = min(planned, job.max_steps) if job.max_steps else planned
+
+    ds_config = build_ds_config(job.optim, cfg, world)
+    zero3 = HfDeepSpeedConfig(ds_config) if cfg.zero_stage == 3 else None  # keep alive: from_pretrained/generate
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32)
+    schedule = partial(lr_factor, warmup=job.optim.warmup_steps, total=total, min_ratio=job.optim.min_lr_ratio)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if rank == 0:
+        log.warning("%s: %d rows/rank x %d ranks, micro-batch %d, %d steps, ZeRO-%d; reading the shard took "
+                    "%.1f s, model + DeepSpeed engine %.1f s", job.kind, n_rows, world, micro, total, cfg.zero_stage,
+                    read_seconds, time.perf_counter() - started - read_seconds)
+
+    interval, dev_history, metrics = _Interval(), [], {}
+    tokens_total, train_seconds, step, stop_reason = 0, 0.0, 0, "epochs"
+    generator = torch.Generator().manual_seed(job.seed * 1000 + rank)
+    mark = time.perf_counter()  # train time = loop wall time minus dev evaluation (logging included)
+    for step, batch in enumerate(_batches(rows, n_rows, micro, job.epochs, generator), start=1):
+        lr = engine.lr_scheduler.get_last_lr()[0]
+        _train_step(engine, job, batch, pad_id, interval)
+        now = time.perf_counter()
+        interval.seconds, mark = interval.seconds + now - mark, now
+        if step == 1 or step % cfg.log_every_steps == 0:
+            metrics, tokens_total, train_seconds = _log(interval, job, step, total, lr, device, world, rank,
+                                                        tokens_total, train_seconds)
+            interval = _Interval()
+        if job.dev_eval is not None and step % job.dev_eval.every_steps == 0:
+            dev_history.append(_evaluate(engine.module, tokenizer, job.dev_eval, step, device, rank, world,
+                                         synced=zero3 is not None and world > 1))
+            mark = time.perf_counter()
+            reason = job.dev_eval.should_stop([r["accuracy"] for r in dev_history])
+            if reason is not None:
+                stop_reason = reason
+                break
+        if step >= total:
+            stop_reason = "max_steps" if job.max_steps is not None and job.max_steps <= planned else "epochs"
+            break
+    if interval.steps:
+        metrics, tokens_total, train_seconds = _log(interval, job, step, total, lr, device, world, rank,
+                                                    tokens_total, train_seconds)
+    summary = {"step": step, "tokens": tokens_total, "train_seconds": train_seconds,
+               "tokens_per_s": tokens_total / max(train_seconds, 1e-9), "metrics": metrics,
+               "dev_history": dev_history, "stop_reason": stop_reason}
+    _export(engine, job, zero3 is not None, rank, summary)
+    # Once, at the end: each report blocks until the controller polls (every 2 s), so per-interval reports
+    # would dominate a small model's step time. Train V2 only returns metrics with checkpoints: the driver
+    # reads the summary file instead.
+    ray.train.report(summary)
+
+
+def _read_rows(job: TrainJob) -> list[tuple]:
+    """The rank's shard, truncated to `max_length`: (ids, mask) for sft, (c_ids, c_mask, r_ids, r_mask, rc, rr)."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    rows: list[tuple] = []
+    for table in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for r in table.to_pylist():
+            if job.kind == "sft":
+                rows.append(truncate_left(r["input_ids"], r["loss_mask"], job.max_length))
+            else:
+                rows.append((*truncate_left(r["chosen_ids"], r["chosen_mask"], job.max_length),
+                             *truncate_left(r["rejected_ids"], r["rejected_mask"], job.max_length),
+                             float(r["ref_chosen_logps"]), float(r["ref_rejected_logps"])))
+    return rows
+
+
+def _batches(rows: list[tuple], n_rows: int, micro: int, epochs: int,
+             generator: torch.Generator) -> Iterator[list[tuple]]:
+    """Micro-batches of a fresh seeded permutation per epoch; only `n_rows` rows each, so ranks stay in step."""
+    for _ in range(epochs):
+        order = torch.randperm(len(rows), generator=generator)[:n_rows].tolist()
+        for i in range(0, n_rows, micro):
+            yield [rows[j] for j in order[i:i + micro]]
+
+
+def _train_step(engine: Any, job: TrainJob, batch: list[tuple], pad_id: int, acc: _Interval) -> None:
+    """One optimiser step; chosen and rejected share one forward pass (one concatenated batch)."""
+    if job.kind == "sft":
+        ids, attn, mask = pad_sequences([r[0] for r in batch], [r[1] for r in batch], pad_id)
+        ids, attn, mask = ids.to(engine.device), attn.to(engine.device), mask.to(engine.device)
+        logits = engine(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        loss = sft_loss(logits, ids, mask)
+    else:
+        n = len(batch)
+        ids, attn, mask = pad_sequences([r[0] for r in batch] + [r[2] for r in batch],
+                                        [r[1] for r in batch] + [r[3] for r in batch], pad_id)
+        ids, attn, mask = ids.to(engine.device), attn.to(engine.device), mask.to(engine.device)
+        logits = engine(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        logps = sequence_logps(logits, ids, mask)
+        ref = torch.tensor([[r[4], r[5]] for r in batch], dtype=logps.dtype, device=logps.device)
+        loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], job.beta)
+        if job.nll_weight > 0:
+            loss = loss + job.nll_weight * sft_loss(logits[:n], ids[:n], mask[:n])
+        acc.chosen.append(chosen.detach())
+        acc.rejected.append(rejected.detach())
+    engine.backward(loss)
+    engine.step()
+    acc.steps += 1
+    acc.tokens += int(sum(len(r[0]) for r in batch) + (sum(len(r[2]) for r in batch) if job.kind == "dpo" else 0))
+    acc.loss = acc.loss + loss.detach().float()
+
+
+def _all_reduce(values: list[float], device: torch.device, op: Any = dist.ReduceOp.SUM) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def _log(acc: _Interval, job: TrainJob, step: int, total: int, lr: float, device: torch.device, world: int,
+         rank: int, tokens_total: int, train_seconds: float) -> tuple[dict[str, float], int, float]:
+    """Average the interval over ranks; rank 0 appends the JSON line and prints progress."""
+    local = {"loss": float(acc.loss) / acc.steps}
+    if job.kind == "dpo":
+        local.update(preference_metrics(torch.cat(acc.chosen), torch.cat(acc.rejected)))
+    keys = sorted(local)
+    summed = _all_reduce([local[k] for k in keys] + [acc.tokens, acc.seconds], device)
+    metrics = {k: v / world for k, v in zip(keys, summed)}
+    tokens, seconds = int(summed[-2]), summed[-1] / world
+    tokens_total, train_seconds = tokens_total + tokens, train_seconds + seconds
+    metrics.update(lr=lr, tokens_per_s=tokens / max(seconds, 1e-9))
+    line = {"step": step, **metrics, "tokens": tokens_total, "train_seconds": train_seconds}
+    if rank == 0:
+        if job.log_path:
+            Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(job.log_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        log.warning("%s step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", job.kind, step, total, metrics["loss"], lr,
+                    metrics["tokens_per_s"])
+    return metrics, tokens_total, train_seconds
+
+
+@torch.no_grad()
+def _evaluate(model: Any, tokenizer: Any, dev: DevEval, step: int, device: torch.device, rank: int, world: int,
+              synced: bool) -> dict[str, float]:
+    """Greedy dev accuracy. Each rank decodes an equal slice (ZeRO-3 needs every rank in each forward pass);
+    the summed counts give every rank the same accuracy, hence the same stop decision."""
+    from raypipe.grading import grade
+
+    start = time.perf_counter()
+    n = len(dev.prompts)
+    per_rank = math.ceil(n / world)
+    slots = range(rank * per_rank, (rank + 1) * per_rank)  # past the end: padding, decoded but not counted
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, per_rank, dev.batch_size):
+        chunk = slots[i:i + dev.batch_size]
+        enc = tokenizer([dev.prompts[min(j, n - 1)] for j in chunk], return_tensors="pt", padding=True).to(device)
+        out = model.generate(**enc, max_new_tokens=dev.max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                             synced_gpus=synced)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += sum(grade(t, dev.answers[j], dev.kind).correct for j, t in zip(chunk, texts) if j < n)
+    model.train(was_training)
+    accuracy = _all_reduce([correct], device)[0] / n
+    if rank == 0:
+        log.warning("dev step %d: accuracy %.3f (%d prompts, %.1f s)", step, accuracy, n,
+                    time.perf_counter() - start)
+    return {"step": step, "accuracy": accuracy, "seconds": time.perf_counter() - start}
+
+
+def _export(engine: Any, job: TrainJob, zero3: bool, rank: int, summary: dict[str, Any]) -> None:
+    """Rank 0 writes a normal HF directory plus SUMMARY_FILE (ZeRO-3 first gathers the weights on every rank)."""
+    state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    if rank == 0:
+        out = Path(job.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        engine.module.save_pretrained(out, state_dict=state)
+        for pattern in _TOKENIZER_FILES:
+            for src in Path(job.model_dir).glob(pattern):
+                shutil.copy2(src, out / src.name)
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    dist.barrier()

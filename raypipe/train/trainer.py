@@ -1,0 +1,156 @@
+"""The one training entry point: Ray Train workers running DeepSpeed, for SFT, the SFT control and Step-DPO.
+
+`run_training` is called on the driver (after `ray.init`). It reads the round's Parquet rows as a Ray Dataset and
+starts a `TorchTrainer` whose workers run `raypipe.train.loop.train_loop_per_worker`. The result comes back from
+rank 0's last `ray.train.report`; the trained weights come back as a normal Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raypipe.config import OptimConfig, SFTConfig, TrainConfig
+
+KINDS = ("sft", "dpo")
+STOP_REASONS = ("target", "plateau", "max_steps", "epochs")
+
+
+@dataclass
+class DevEval:
+    """Greedy dev-set evaluation that decides when SFT stops (the SFTConfig stopping rule)."""
+
+    prompts: list[str]
+    answers: list[str]
+    kind: str
+    """Answer kind for `raypipe.grading.grade` ('synthetic', 'gsm8k', 'math')."""
+    every_steps: int = 100
+    target_accuracy: float = 0.6
+    plateau_evals: int = 6
+    min_improvement: float = 0.01
+    min_accuracy: float = 0.2
+    max_new_tokens: int = 96
+    batch_size: int = 256
+    """Prompts per `generate` call on each rank."""
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.answers):
+            raise ValueError(f"{len(self.prompts)} dev prompts but {len(self.answers)} answers")
+        if not self.prompts:
+            raise ValueError("DevEval needs at least one prompt")
+        if self.every_steps <= 0:
+            raise ValueError(f"every_steps must be positive, got {self.every_steps}")
+
+    @classmethod
+    def from_config(cls, sft: SFTConfig, prompts: list[str], answers: list[str], kind: str,
+                    max_new_tokens: int) -> DevEval:
+        return cls(prompts=prompts, answers=answers, kind=kind, every_steps=sft.eval_every_steps,
+                   target_accuracy=sft.target_accuracy, plateau_evals=sft.plateau_evals,
+                   min_improvement=sft.min_improvement, min_accuracy=sft.min_accuracy,
+                   max_new_tokens=max_new_tokens)
+
+    def should_stop(self, accuracies: list[float]) -> str | None:
+        """'target', 'plateau' or None after the latest evaluation (`accuracies` is the whole history).
+
+        A plateau needs `plateau_evals` evaluations in a row that did not beat the last real improvement by
+        `min_improvement`, at an accuracy of at least `min_accuracy`: a flat 0% is the pre-transition phase.
+        """
+        if not accuracies:
+            return None
+        latest = accuracies[-1]
+        if latest >= self.target_accuracy:
+            return "target"
+        reference, since = accuracies[0], 0
+        for acc in accuracies[1:]:
+            if acc >= reference + self.min_improvement:
+                reference, since = acc, 0
+            else:
+                since += 1
+        if since >= self.plateau_evals and latest >= self.min_accuracy:
+            return "plateau"
+        return None
+
+
+@dataclass
+class TrainJob:
+    """One training run: start weights, rows, objective and schedule."""
+
+    kind: str
+    """'sft' (rows: input_ids, loss_mask) or 'dpo' (rows: chosen_/rejected_ ids and masks, ref_*_logps)."""
+    model_dir: str
+    output_dir: str
+    data_path: str
+    """A Parquet file or a directory of Parquet files."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 1
+    max_steps: int | None = None
+    """Cap on optimiser steps; the cosine schedule spans min(max_steps, epochs * steps_per_epoch)."""
+    beta: float = 0.1
+    nll_weight: float = 0.0
+    max_length: int = 256
+    """Longest row in tokens; longer rows lose tokens from the left (the reference pass must use the same)."""
+    seed: int = 0
+    log_path: str | None = None
+    """Rank 0 appends one JSON line per log interval here."""
+    dev_eval: DevEval | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"TrainJob.kind={self.kind!r} is not one of {KINDS}")
+        if self.epochs <= 0 or (self.max_steps is not None and self.max_steps <= 0):
+            raise ValueError("epochs and max_steps must be positive")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    """Wall time of `run_training`, Ray and DeepSpeed start-up and the export included."""
+    train_seconds: float
+    """Time inside optimiser steps (batching, forward, backward, update), dev evaluation excluded."""
+    tokens: int
+    """Non-pad tokens trained on, all ranks."""
+    tokens_per_s: float
+    metrics: dict[str, float]
+    """The last log interval's metrics (loss, lr, and for dpo the preference metrics)."""
+    dev_history: list[dict[str, float]]
+    stop_reason: str
+    output_dir: str
+
+
+def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
+    """Train `job` on Ray Train workers and export the final weights to `job.output_dir` (a normal HF dir)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raypipe.train.loop import SUMMARY_FILE, train_loop_per_worker
+
+    if job.optim.batch_size % cfg.num_workers:
+        raise ValueError(f"batch_size {job.optim.batch_size} is not divisible by {cfg.num_workers} workers")
+    start = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(num_cpus=8)
+    out = Path(job.output_dir).resolve()
+    env_vars: dict[str, Any] = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job, "train": cfg},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(name=f"{job.kind}-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                             storage_path=str(out.parent / "ray_train"),
+                             worker_runtime_env={"env_vars": env_vars}),
+        datasets={"train": ray.data.read_parquet(job.data_path)},
+    )
+    trainer.fit()
+    final = json.loads((out / SUMMARY_FILE).read_text())
+    return TrainResult(
+        steps=final["step"], seconds=time.perf_counter() - start, train_seconds=final["train_seconds"],
+        tokens=final["tokens"], tokens_per_s=final["tokens_per_s"], metrics=final["metrics"],
+        dev_history=final["dev_history"], stop_reason=final["stop_reason"], output_dir=str(out),
+    )
