@@ -195,11 +195,12 @@ class Pipeline:
         def body(out: Path) -> dict[str, Any]:
             if pairs.metrics["n_pairs"]:
                 dataset = add_reference_logps(ray.data.read_parquet(str(pairs.dir / "data.parquet")),
-                                              model_dir(policy), use_gpu=self.cfg.train.use_gpu)
+                                              model_dir(policy), use_gpu=self.cfg.train.use_gpu,
+                                              max_length=self.cfg.stepdpo.max_length)
                 dataset.repartition(1).write_parquet(str(out / "data"))
             return {"rows": pairs.metrics["n_pairs"]}
 
-        return self.store.run(r, "reference", None, [pairs, policy], body)
+        return self.store.run(r, "reference", self.cfg.stepdpo.max_length, [pairs, policy], body)
 
     def train(self, r: int, scored: StageResult, policy: StageResult) -> StageResult:
         cfg, method = self.cfg, self.cfg.stepdpo
