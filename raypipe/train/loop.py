@@ -83,7 +83,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
 
     job: TrainJob = config["job"]
     cfg: TrainConfig = config["train"]
@@ -107,7 +106,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total = min(planned, job.max_steps) if job.max_steps else planned
 
     ds_config = build_ds_config(job.optim, cfg, world)
-    zero3 = HfDeepSpeedConfig(ds_config) if cfg.zero_stage == 3 else None  # keep alive: from_pretrained/generate
+    zero3 = cfg.zero_stage == 3
+    hf_zero3 = _hf_zero3_config(ds_config) if zero3 else None  # keep a reference: transformers holds a weakref
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32)
     schedule = partial(lr_factor, warmup=job.optim.warmup_steps, total=total, min_ratio=job.optim.min_lr_ratio)
     engine, *_ = deepspeed.initialize(
@@ -136,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             interval = _Interval()
         if job.dev_eval is not None and step % job.dev_eval.every_steps == 0:
             dev_history.append(_evaluate(engine.module, tokenizer, job.dev_eval, step, device, rank, world,
-                                         synced=zero3 is not None and world > 1))
+                                         synced=zero3 and world > 1))
             mark = time.perf_counter()
             reason = job.dev_eval.should_stop([r["accuracy"] for r in dev_history])
             if reason is not None:
@@ -151,11 +151,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     summary = {"step": step, "tokens": tokens_total, "train_seconds": train_seconds,
                "tokens_per_s": tokens_total / max(train_seconds, 1e-9), "metrics": metrics,
                "dev_history": dev_history, "stop_reason": stop_reason}
-    _export(engine, job, zero3 is not None, rank, summary)
+    _export(engine, job, zero3, rank, summary)
+    del hf_zero3
     # Once, at the end: each report blocks until the controller polls (every 2 s), so per-interval reports
     # would dominate a small model's step time. Train V2 only returns metrics with checkpoints: the driver
     # reads the summary file instead.
     ray.train.report(summary)
+
+
+def _hf_zero3_config(ds_config: dict[str, Any]) -> Any:
+    """transformers' HfDeepSpeedConfig, so from_pretrained builds the model already partitioned (no full copy per
+    rank). It needs `accelerate`; without it each rank loads the full weights and deepspeed.initialize partitions
+    them, which is fine for small models."""
+    from importlib.metadata import PackageNotFoundError
+
+    from transformers.integrations import HfDeepSpeedConfig
+
+    try:
+        return HfDeepSpeedConfig(ds_config)
+    except PackageNotFoundError:
+        log.warning("accelerate is not installed: ZeRO-3 loads the full model on every rank before partitioning")
+        return None
 
 
 def _read_rows(job: TrainJob) -> list[tuple]:

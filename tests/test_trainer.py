@@ -1,0 +1,162 @@
+"""The Ray Train + DeepSpeed loop: SFT, Step-DPO with precomputed reference log-probs, ZeRO-3 on 2 CPU workers,
+and the dev-accuracy stop. Three TorchTrainer fits in all (10-20 s each here); the rest are pure-function tests."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from raypipe.config import OptimConfig, TaskConfig, TrainConfig
+from raypipe.data.synthetic import load_splits
+from raypipe.ray_env import init_ray
+from raypipe.train.collate import pad_sequences, truncate_left
+from raypipe.train.loop import lr_factor
+from raypipe.train.reference import add_reference_logps
+from raypipe.train.trainer import DevEval, TrainJob, run_training
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """The session's local cluster (the e2e run may have started it already), started as the pipeline does."""
+    init_ray(8)
+    yield
+
+
+@pytest.fixture(scope="module")
+def splits(task_cfg: TaskConfig):
+    return load_splits(task_cfg)
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _sft_parquet(model_dir: Path, problems, path: Path) -> Path:
+    """Prompt + worked solution + EOS, learning the solution and EOS only."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = []
+    for p in problems:
+        prompt, solution = _ids(tok, p.prompt), _ids(tok, p.solution) + [tok.eos_token_id]
+        rows.append({"input_ids": prompt + solution, "loss_mask": [0] * len(prompt) + [1] * len(solution)})
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def _weights(model_dir: Path | str) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+
+
+def _changed(start: Path, trained: str) -> bool:
+    a, b = _weights(start), _weights(trained)
+    assert a.keys() == b.keys()
+    assert all(torch.isfinite(v).all() for v in b.values())
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def _sft_loss(model_dir: Path | str, data: Path) -> float:
+    """Mean SFT loss of a model on a Parquet file of SFT rows (to check an export holds the trained weights)."""
+    from raypipe.train.losses import sft_loss
+
+    df = pd.read_parquet(data)
+    ids, attn, mask = pad_sequences([list(r) for r in df["input_ids"]], [list(r) for r in df["loss_mask"]], 0)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids, attention_mask=attn).logits
+    return float(sft_loss(logits, ids, mask))
+
+
+def _log_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_truncate_left_keeps_the_end_and_pad_sequences_pads_right() -> None:
+    assert truncate_left([1, 2, 3, 4], [0, 0, 1, 1], 3) == ([2, 3, 4], [0, 1, 1])
+    assert truncate_left([1, 2], [0, 1], 5) == ([1, 2], [0, 1])
+    ids, attn, mask = pad_sequences([[5, 6, 7], [8]], [[0, 1, 1], [1]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and ids.dtype == torch.long
+    assert attn.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert mask.tolist() == [[0, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError):
+        pad_sequences([[1, 2]], [[1]], pad_id=0)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_ratio() -> None:
+    lrs = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == 1.0
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0.1
+    assert math.isclose(lr_factor(20, 4, 20, 0.1), 0.1)
+    assert lr_factor(0, 0, 10, 0.0) == 1.0, "no warmup starts at the peak"
+
+
+def test_dev_stop_rule_needs_target_or_a_plateau_above_min_accuracy() -> None:
+    dev = DevEval(prompts=["q"], answers=["1"], kind="synthetic", target_accuracy=0.6, plateau_evals=3,
+                  min_improvement=0.01, min_accuracy=0.2)
+    assert dev.should_stop([0.1, 0.3, 0.61]) == "target"
+    assert dev.should_stop([0.0, 0.0, 0.0, 0.0, 0.0]) is None, "a flat 0% is the pre-transition phase"
+    assert dev.should_stop([0.3, 0.305, 0.3, 0.308]) == "plateau"
+    assert dev.should_stop([0.3, 0.305, 0.3]) is None, "only two evaluations without improvement"
+    assert dev.should_stop([0.3, 0.35, 0.34, 0.37]) is None
+
+
+def test_sft_zero2_learns_logs_and_exports(ray_cluster, tiny_model_dir: Path, splits, tmp_path: Path) -> None:
+    data = _sft_parquet(tiny_model_dir, splits["sft"][:64], tmp_path / "sft.parquet")
+    job = TrainJob(kind="sft", model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
+                   data_path=str(data), optim=OptimConfig(lr=3e-3, warmup_steps=2, batch_size=16), epochs=2,
+                   log_path=str(tmp_path / "log.jsonl"))
+    result = run_training(job, TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1))
+    lines = _log_lines(tmp_path / "log.jsonl")
+    assert result.steps == 8 and result.stop_reason == "epochs"
+    assert [line["step"] for line in lines] == list(range(1, 9))
+    assert lines[-1]["loss"] < lines[0]["loss"] - 0.5, [line["loss"] for line in lines]
+    assert {"loss", "lr", "tokens_per_s"} <= lines[0].keys()
+    assert result.tokens == lines[-1]["tokens"] > 0 and result.tokens_per_s > 0
+    assert (Path(result.output_dir) / "tokenizer.json").is_file()
+    assert _changed(tiny_model_dir, result.output_dir)
+    assert _sft_loss(result.output_dir, data) < _sft_loss(tiny_model_dir, data) - 0.5
+
+
+def test_dpo_starts_at_log2_with_precomputed_reference(ray_cluster, tiny_model_dir: Path, splits,
+                                                       tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = []
+    for p in splits["sft"][:16]:
+        prompt = _ids(tok, p.prompt + p.steps[0] + "\n")
+        good = _ids(tok, p.steps[1] + "\n")
+        bad = _ids(tok, p.steps[1].rsplit("= ", 1)[0] + f"= {int(p.steps[1].rsplit('= ', 1)[1]) + 1}\n")
+        rows.append({"chosen_ids": prompt + good, "chosen_mask": [0] * len(prompt) + [1] * len(good),
+                     "rejected_ids": prompt + bad, "rejected_mask": [0] * len(prompt) + [1] * len(bad)})
+    pairs = add_reference_logps(ray.data.from_pandas(pd.DataFrame(rows)), str(tiny_model_dir), batch_size=8,
+                                max_length=64)
+    pairs.write_parquet(str(tmp_path / "pairs"))
+    job = TrainJob(kind="dpo", model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
+                   data_path=str(tmp_path / "pairs"), optim=OptimConfig(lr=1e-3, warmup_steps=0, batch_size=16),
+                   max_steps=4, epochs=5, beta=0.1, nll_weight=0.0, max_length=64,
+                   log_path=str(tmp_path / "log.jsonl"))
+    result = run_training(job, TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1))
+    lines = _log_lines(tmp_path / "log.jsonl")
+    assert result.steps == 4 and result.stop_reason == "max_steps"
+    assert abs(lines[0]["loss"] - math.log(2)) < 1e-4, lines[0]
+    assert any("accuracy" in k for k in lines[0]) and any("reward" in k for k in lines[0]), lines[0].keys()
+    assert lines[-1]["loss"] < lines[0]["loss"], "every step sees all 16 pairs: the loss must fall"
+
+
+def test_zero3_two_workers_stops_at_first_dev_eval(ray_cluster, tiny_model_dir: Path, splits,
+                                                    tmp_path: Path) -> None:
+    data = _sft_parquet(tiny_model_dir, splits["sft"][:64], tmp_path / "sft.parquet")
+    dev = DevEval(prompts=[p.prompt for p in splits["dev"][:9]], answers=[str(p.answer) for p in splits["dev"][:9]],
+                  kind="synthetic", every_steps=2, target_accuracy=0.0, max_new_tokens=8)
+    job = TrainJob(kind="sft", model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
+                   data_path=str(data), optim=OptimConfig(lr=3e-3, warmup_steps=0, batch_size=16), epochs=10,
+                   max_steps=6, dev_eval=dev, log_path=str(tmp_path / "log.jsonl"))
+    result = run_training(job, TrainConfig(num_workers=2, cpus_per_worker=1, zero_stage=3, log_every_steps=1))
+    assert result.stop_reason == "target" and result.steps == 2
+    assert [r["step"] for r in result.dev_history] == [2] and result.dev_history[0]["accuracy"] >= 0.0
+    assert [line["step"] for line in _log_lines(tmp_path / "log.jsonl")] == [1, 2]
+    assert _changed(tiny_model_dir, result.output_dir)
+    assert _sft_loss(result.output_dir, data) < _sft_loss(tiny_model_dir, data) - 0.2, "gathered, not stale, weights"
