@@ -2,7 +2,8 @@
 
 The manifest records the stage's fingerprint (its config and its inputs' fingerprints), row counts, the model
 version and timings. A stage whose manifest exists with the same fingerprint is skipped, so a killed or rerun
-run resumes where it stopped; the manifest is written last, so a half-written stage is simply redone.
+run resumes where it stopped; the manifest is written last, so a half-written stage is simply redone. A store
+may also reuse a matching stage from sibling run folders (`reuse_from`) instead of computing it again.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ class ArtifactStore:
     """Runs stages of one run folder, skipping those whose manifest matches."""
 
     run_dir: Path
+    reuse_from: Sequence[Path] = ()
+    """Other run folders whose finished stages may stand in for ours when the fingerprint matches (the arms of a
+    comparison share their SFT checkpoint, samples and control this way)."""
     executed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each stage of this run, by label (a skipped stage reports the run that made it)."""
 
@@ -70,6 +75,14 @@ class ArtifactStore:
             self.skipped.append(label)
             self.seconds[label] = existing["seconds"]
             return StageResult(out, existing)
+        for other in self.reuse_from:
+            theirs = other / f"round_{round_idx}" / name
+            manifest = _read_manifest(theirs)
+            if manifest and manifest.get("fingerprint") == fp and theirs.resolve() != out.resolve():
+                log.info("reuse %s from %s (fingerprint matches)", label, other)
+                self.reused.append(label)
+                self.seconds[label] = manifest["seconds"]
+                return StageResult(theirs, manifest)
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -78,7 +91,7 @@ class ArtifactStore:
         metrics = body(out)
         manifest = {
             "stage": name, "round": round_idx, "fingerprint": fp,
-            "inputs": {str(i.dir.relative_to(self.run_dir)): i.fingerprint for i in inputs},
+            "inputs": {_relative(i.dir, self.run_dir): i.fingerprint for i in inputs},
             "seconds": round(time.perf_counter() - start, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "metrics": metrics,
         }
@@ -99,6 +112,14 @@ def write_rows(stage_dir: Path, rows: Sequence[dict[str, Any]], name: str = ROWS
 
 def read_rows(stage_dir: Path, name: str = ROWS_FILE) -> list[dict[str, Any]]:
     return pq.read_table(stage_dir / name).to_pylist()
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to `root`, or relative to root's parent for a stage reused from a sibling run folder."""
+    for base in (root, root.parent):
+        if path.resolve().is_relative_to(base.resolve()):
+            return str(path.resolve().relative_to(base.resolve()))
+    return str(path)
 
 
 def _read_manifest(stage_dir: Path) -> dict[str, Any] | None:

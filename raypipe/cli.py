@@ -1,4 +1,4 @@
-"""`raypipe run | eval | config show`: the command line."""
+"""`raypipe run | compare | eval | config show`: the command line."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", default=None, help="folder for predictions.parquet and rejected rows")
     ev.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="generation engine")
     ev.add_argument("--max-new-tokens", type=int, default=512, help="cap on each generated answer")
+    cmp = sub.add_parser("compare", help="every method from one SFT checkpoint, equal steps, several seeds")
+    cmp.add_argument("config", help="comparison YAML, e.g. conf/compare.yaml")
+    cmp.add_argument("overrides", nargs="*", help="dotted overrides of the comparison, e.g. seeds=[0,1]")
     show = sub.add_parser("config", help="print every config field with its default and meaning")
     show.add_argument("action", choices=["show"])
     args = parser.parse_args(argv)
@@ -37,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             from raypipe.pipeline import Pipeline  # heavy imports only once the config is known to be good
 
             Pipeline(cfg).run()
+        elif args.command == "compare":
+            from raypipe.compare import load_compare, run_compare
+
+            run_compare(load_compare(args.config, args.overrides))
         elif args.command == "eval":
             from raypipe.evaluate import run_benchmark_eval
 

@@ -11,10 +11,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -165,34 +168,91 @@ class SFTConfig:
     """...and accuracy is above min_accuracy (a plateau at 0% is the pre-transition phase, not a plateau)."""
     min_accuracy: float = 0.2
     """Lower end of the acceptable band for a plateau stop."""
+    seed: int = 0
+    """Seed of SFT's data order. Separate from the run's `seed`, so runs that differ only in seed (a comparison)
+    share one SFT checkpoint."""
 
 
 @dataclass
-class StepDPOConfig:
-    """Step-DPO training on (correct step, first wrong step) pairs."""
+class UpdateConfig:
+    """What every method's round update has: optimiser, passes over the round's data, row length."""
 
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=5, batch_size=32, min_lr_ratio=0.0)
-    )
-    """Optimiser for the preference update."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and schedule of the update."""
+    epochs: int = 1
+    """Passes over the round's training set (ignored when `round_steps` is set)."""
+    max_length: int = 256
+    """Longest training row in tokens; longer rows lose tokens from the left (the end is what is scored)."""
+
+
+def _preference_optim() -> OptimConfig:
+    return OptimConfig(lr=2e-5, warmup_steps=5, batch_size=32, min_lr_ratio=0.0)
+
+
+def _continued_sft_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-4, warmup_steps=0, batch_size=64)
+
+
+@dataclass
+class VFTConfig(UpdateConfig):
+    """Continued SFT on the worked solutions: the `sft` method (VFT), and the control every method is compared with.
+    The control trains exactly as many optimiser steps as the method it accompanies."""
+
+    optim: OptimConfig = field(default_factory=_continued_sft_optim)
+
+
+@dataclass
+class RFTConfig(UpdateConfig):
+    """Rejection-sampling fine-tuning: SFT on the worked solutions plus the policy's own correct chains."""
+
+    optim: OptimConfig = field(default_factory=_continued_sft_optim)
+    max_per_question: int = 4
+    """Distinct correct chains kept per pool question."""
+
+
+@dataclass
+class PreferenceConfig(UpdateConfig):
+    """A DPO-family update (dpo and ipo on whole answers, stepdpo on single steps)."""
+
+    optim: OptimConfig = field(default_factory=_preference_optim)
     beta: float = 0.1
-    """DPO temperature (Step-DPO paper: 0.4-0.5 on 7B; small models prefer smaller)."""
+    """DPO temperature (Step-DPO paper: 0.4-0.5 on 7B). For ipo the target margin is 1/(2 beta) in average
+    log-prob units, so ipo wants a larger beta."""
     epochs: int = 2
-    """Passes over the round's pairs."""
     nll_weight: float = 0.0
-    """Weight of an extra NLL term on the chosen step (RPO-style); 0 is pure Step-DPO."""
+    """Weight of an extra NLL term on the chosen tokens (RPO-style); 0 is the pure preference loss."""
     max_length: int = 160
-    """Longest prompt+step in tokens; longer prompts are cut from the left (keep the prefix near the step)."""
+    max_pairs_per_question: int = 4
+    """dpo / ipo: (correct, wrong) whole-answer pairs per question (stepdpo uses branch.max_pairs_per_wrong)."""
+
+
+@dataclass
+class AFTConfig(UpdateConfig):
+    """Alignment fine-tuning: L_VFT + weight * L_CA over each question's sampled chains (METHODS.md section 2)."""
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5, batch_size=32,
+                                                                   min_lr_ratio=0.0))
+    constraint: str = "bc"
+    """'dc' (detached: only positives move), 'bc' (boundary), 'rank' (boundary over a ranking: positives, then
+    negatives by how many steps they got right), or 'none' (unconstrained; an ablation that degenerates)."""
+    beta: float = 0.5
+    """Boundary margin B = min positive score - beta (bc, rank), in average log-prob units."""
+    weight: float = 1.0
+    """lambda in L_VFT + lambda * L_CA."""
+    mle_on_positives: bool = False
+    """Also train NLL on the positive chains (RFT + alignment); otherwise NLL on worked solutions only."""
+    epochs: int = 2
+    max_length: int = 160
+    max_candidates: int = 8
+    """Distinct sampled chains kept per question."""
 
 
 @dataclass
 class ControlConfig:
-    """The honest baseline: SFT continued on its own data for the same number of steps as the method."""
+    """The honest baseline: SFT continued on its own data (`vft` settings) for the same steps as the method."""
 
     enabled: bool = True
-    """Train and evaluate the control every round."""
-    lr: float = 1e-4
-    """Peak learning rate of continued SFT (cosine over the matched steps, no warmup)."""
+    """Train and evaluate the control every round (never for method 'sft', which is the control)."""
 
 
 @dataclass
@@ -219,6 +279,9 @@ class EvalConfig:
 
     max_new_tokens: int = 96
     """Cap on the generated answer."""
+    assessment_questions: int = 200
+    """Dev questions whose sampled chains measure assessment accuracy (AFT paper: share of (right, wrong) chain
+    pairs the model scores in the right order) before and after each round; 0 skips it."""
 
 
 @dataclass
@@ -242,11 +305,18 @@ class RunConfig:
     output_dir: str = "runs"
     """Where run folders live."""
     method: str = "stepdpo"
-    """Training method of each round."""
+    """Training method of each round: 'sft', 'rft', 'dpo', 'ipo', 'stepdpo' or 'aft' (settings in the section
+    of the same name; 'sft' uses `vft`)."""
     rounds: int = 1
-    """Rounds of sample -> grade -> branch -> build -> reference -> train -> export -> evaluate."""
+    """Rounds of sample -> grade -> (branch) -> build -> (reference) -> train -> export -> evaluate."""
+    round_steps: int | None = None
+    """Exact optimiser steps of every round's update, for any method (overrides the section's epochs). Set it to
+    compare methods on the same number of steps."""
     seed: int = 0
     """Seed for sampling and training."""
+    reuse_runs: bool = True
+    """Reuse finished stages with the same fingerprint from other run folders in output_dir instead of computing
+    them again (e.g. one SFT checkpoint for every method recipe). Off: every stage of this run is its own."""
     ray_num_cpus: int = 8
     """Logical CPUs for a local ray.init (more than physical: Ray Data's actors are mostly idle)."""
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -255,7 +325,12 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     branch: BranchConfig = field(default_factory=BranchConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    stepdpo: StepDPOConfig = field(default_factory=StepDPOConfig)
+    vft: VFTConfig = field(default_factory=VFTConfig)
+    rft: RFTConfig = field(default_factory=RFTConfig)
+    dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
+    ipo: PreferenceConfig = field(default_factory=lambda: PreferenceConfig(beta=0.5))
+    stepdpo: PreferenceConfig = field(default_factory=PreferenceConfig)
+    aft: AFTConfig = field(default_factory=AFTConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -268,12 +343,23 @@ class RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Merge a YAML file and dotted overrides onto the defaults; unknown keys are a ConfigError naming them."""
-    merged: DictConfig = OmegaConf.structured(RunConfig)
+    cfg = load_structured(RunConfig, path, overrides)
+    _validate(cfg)
+    return cfg
+
+
+def load_structured(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """`schema`'s defaults, then the YAML file, then dotted overrides; every mistake is a ConfigError that says
+    where (file or command line) and which key."""
+    merged: DictConfig = OmegaConf.structured(schema)
     layers: list[tuple[str, DictConfig]] = []
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
-        layers.append((str(path), OmegaConf.load(path)))
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as err:  # yaml's scanner and parser errors share no useful base class
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if overrides:
         layers.append(("command line", OmegaConf.from_dotlist(overrides)))
     for source, layer in layers:
@@ -283,9 +369,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{source}: unknown config key '{err.full_key}'") from None
         except ValidationError as err:
             raise ConfigError(f"{source}: bad value for '{err.full_key}': {err.msg}") from None
-    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    _validate(cfg)
-    return cfg
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def _validate(cfg: RunConfig) -> None:
@@ -293,12 +377,15 @@ def _validate(cfg: RunConfig) -> None:
         "engine.backend": (cfg.engine.backend, {"vllm", "hf"}),
         "branch.localiser": (cfg.branch.localiser, {"mc", "exact"}),
         "branch.search": (cfg.branch.search, {"binary", "linear"}),
-        "method": (cfg.method, {"stepdpo"}),
+        "method": (cfg.method, {"sft", "rft", "dpo", "ipo", "stepdpo", "aft"}),
+        "aft.constraint": (cfg.aft.constraint, {"dc", "bc", "rank", "none"}),
         "wandb.mode": (cfg.wandb.mode, {"offline", "online", "disabled"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
+    if cfg.round_steps is not None and cfg.round_steps <= 0:
+        raise ConfigError(f"round_steps={cfg.round_steps} must be positive (or null: the section's epochs)")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
     if cfg.model.path is None and cfg.model.hidden_size // cfg.model.num_heads < 32:
@@ -324,22 +411,27 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def describe(section: type = RunConfig, prefix: str = "") -> list[str]:
-    """`key: default  # docstring` lines for `raypipe config show`, read from the attribute docstrings."""
+def describe(section: Any = None, prefix: str = "") -> list[str]:
+    """`key: value  # docstring` lines for `raypipe config show`, read from the attribute docstrings.
+
+    `section` is a config instance (default: `RunConfig()`), so a parent's per-field defaults (e.g. ipo's larger
+    beta) are the ones shown.
+    """
     import ast
     import inspect
 
-    source = inspect.getsource(section)
-    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    section = RunConfig() if section is None else section
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    for cls in reversed([c for c in type(section).__mro__ if hasattr(c, "__dataclass_fields__")]):
+        body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     lines: list[str] = []
-    defaults = section()
-    for name, value in vars(defaults).items():
+    for name, value in vars(section).items():
         if hasattr(value, "__dataclass_fields__"):
-            lines += describe(type(value), f"{prefix}{name}.")
+            lines += describe(value, f"{prefix}{name}.")
         else:
             lines.append(f"{prefix}{name}: {value!r}  # {docs.get(name, '')}")
     return lines

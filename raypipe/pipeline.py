@@ -1,18 +1,21 @@
 """The round loop: one single controller drives every stage, and every stage leaves an artefact.
 
     round 0   init -> sft_data -> sft -> evaluate                  (the starting policy, cached)
-    round r   sample -> grade -> branch -> build -> reference -> train -> evaluate
+    round r   sample -> grade -> [branch] -> build -> [reference] -> train -> evaluate
+              assessment_data -> assess                            (AFT's assessment accuracy, any method)
               control -> evaluate_control                          (SFT continued for the same steps)
 
-A stage is a function of (config, input artefacts) -> artefact; `ArtifactStore.run` skips it when its manifest
-matches, which is what makes a rerun resume. The trained checkpoint is the next round's policy and reference.
+Which optional stages run is the method's business (raypipe.methods.METHODS): Step-DPO branches, the DPO family
+needs reference log-probs, `sft` does not sample. A stage is a function of (config, input artefacts) -> artefact;
+`ArtifactStore.run` skips it when its manifest matches, which is what makes a rerun resume. The trained
+checkpoint is the next round's policy and reference.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,72 +23,99 @@ import ray
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from raypipe.artifacts import ArtifactStore, StageResult, write_rows
-from raypipe.config import OptimConfig, RunConfig, save_config
-from raypipe.data.synthetic import load_splits
+from raypipe.config import RunConfig, UpdateConfig, save_config
+from raypipe.data.synthetic import Problem, load_splits
 from raypipe.data.tiny_model import save_tiny_model
 from raypipe.evaluate import evaluate
 from raypipe.grading import grade
+from raypipe.methods import METHODS, BuildInputs
+from raypipe.methods.aft import assessment_accuracy, assessment_rows
 from raypipe.methods.sft import sft_rows
-from raypipe.methods.stepdpo import build_pairs
 from raypipe.ray_env import init_ray
 from raypipe.report import Tracker, plot_accuracy, print_summary, write_summary
-from raypipe.rollout.branching import Brancher, agreement, branch_row, from_branch_row
+from raypipe.rollout.branching import Brancher, agreement, branch_row
 from raypipe.rollout.generation import EnginePool
 from raypipe.rollout.sampling import grade_samples, prompt_rows, sample_chains, wrong_chains
-from raypipe.train.reference import add_reference_logps
+from raypipe.train.objectives import SFTObjective
+from raypipe.train.reference import add_reference_logps, score_sequences
 from raypipe.train.trainer import DevEval, TrainJob, run_training
 
 log = logging.getLogger(__name__)
-ROUND_STAGES = ("sample", "grade", "branch", "build", "reference", "train", "evaluate", "control",
-                "evaluate_control")
+ROUND_STAGES = ("sample", "grade", "branch", "build", "reference", "train", "evaluate", "assessment_data",
+                "assess", "control", "evaluate_control")
+"""Every stage a round can run, in order (a method runs a subset)."""
+PAIR_METHODS = ("dpo", "ipo", "stepdpo")
 
 
 def model_dir(stage: StageResult) -> str:
     return stage.metrics["model_dir"]
 
 
-class Pipeline:
-    """Runs `cfg.rounds` rounds of the configured method on the embedded task."""
+def data_path(stage: StageResult) -> Path:
+    """A stage's rows: the Parquet folder Ray Data wrote (reference) or the single file `write_rows` wrote."""
+    folder = stage.dir / "data"
+    return folder if folder.is_dir() else stage.dir / "data.parquet"
 
-    def __init__(self, cfg: RunConfig) -> None:
+
+class Pipeline:
+    """Runs `cfg.rounds` rounds of the configured method on the embedded task.
+
+    `reuse_from`: other run folders whose matching stages stand in for this run's (see ArtifactStore); by
+    default the other runs in the same output_dir (`reuse_runs`).
+    `pool`: engines to borrow (a comparison runs many pipelines on one set); by default the run starts its own
+    and shuts them down at the end.
+    """
+
+    def __init__(self, cfg: RunConfig, reuse_from: Sequence[Path] = (), pool: EnginePool | None = None) -> None:
         self.cfg = cfg
+        self.method = METHODS[cfg.method]
         self.run_dir = cfg.run_dir.resolve()
-        self.store = ArtifactStore(self.run_dir)
+        if not reuse_from and cfg.reuse_runs and self.run_dir.parent.is_dir():
+            reuse_from = [d for d in sorted(self.run_dir.parent.iterdir()) if d.is_dir() and d != self.run_dir]
+        self.store = ArtifactStore(self.run_dir, reuse_from=[Path(p).resolve() for p in reuse_from])
         self.splits = load_splits(cfg.task)
-        self.pool = EnginePool(cfg.engine)
+        self.owns_pool = pool is None
+        self.pool = pool if pool is not None else EnginePool(cfg.engine)
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, method = self.cfg, self.method
         init_ray(cfg.ray_num_cpus, use_gpu=cfg.train.use_gpu)
         save_config(cfg, self.run_dir / "config.yaml")
         self.tracker = Tracker(cfg, self.run_dir)
         try:
-            policy = self.sft(self.sft_data(init := self.init()), init)
+            self.init_stage = init = self.init()
+            worked = self.sft_data(init)
+            policy = self.sft(worked, init)
             before = self.evaluate(0, "evaluate", policy)
             control, rounds = policy, []
             for r in range(1, cfg.rounds + 1):
-                samples = self.sample(r, policy)
-                graded = self.grade(r, samples)
-                branched = self.branch(r, graded, policy)
-                pairs = self.build(r, branched, policy)
-                scored = self.reference(r, pairs, policy)
-                trained = self.train(r, scored, policy)
+                graded = self.grade(r, self.sample(r, policy)) if method.samples else None
+                branched = self.branch(r, graded, policy) if method.branches else None
+                built = self.build(r, worked, graded, branched, policy)
+                data = self.reference(r, built, policy) if method.reference else built
+                trained = self.train(r, data, policy)
                 after = self.evaluate(r, "evaluate", trained)
+                assessed = (self.assess(r, self.assessment_data(r, policy), policy, trained)
+                            if cfg.eval.assessment_questions else None)
                 control_after = None
-                if cfg.control.enabled:
-                    control = self.control(r, control, trained)
+                if cfg.control.enabled and cfg.method != "sft":
+                    control = self.control(r, control, worked, trained)
                     control_after = self.evaluate(r, "evaluate_control", control)
-                rounds.append(self.round_summary(r, before, after, control_after, branched, pairs))
+                rounds.append(self.round_summary(r, before, after, control_after, branched, built, trained,
+                                                 assessed))
                 self.tracker.log({f"round/{k}": v for k, v in rounds[-1].items() if isinstance(v, (int, float))})
                 policy, before = trained, after
         finally:
-            self.pool.shutdown()
+            if self.owns_pool:
+                self.pool.shutdown()
         summary = {"run": cfg.name, "method": cfg.method, "run_dir": str(self.run_dir), "rounds": rounds,
-                   "stages_executed": self.store.executed, "stages_skipped": self.store.skipped}
+                   "stages_executed": self.store.executed, "stages_skipped": self.store.skipped,
+                   "stages_reused": self.store.reused}
         write_summary(self.run_dir, summary)
         plot_accuracy(self.run_dir, summary)
         print_summary(summary)
+        self.tracker.log_summary(summary)
         self.tracker.finish()
         return summary
 
@@ -104,6 +134,7 @@ class Pipeline:
         return self.store.run(0, "init", (cfg.task, cfg.model), [], body)
 
     def sft_data(self, init: StageResult) -> StageResult:
+        """The worked solutions as SFT rows: round 0's SFT, the `sft` / `rft` / `aft` methods and the control."""
         def body(out: Path) -> dict[str, Any]:
             tokenizer = AutoTokenizer.from_pretrained(model_dir(init))
             return {"rows": write_rows(out, sft_rows(self.splits["sft"], tokenizer))}
@@ -118,14 +149,14 @@ class Pipeline:
         def body(out: Path) -> dict[str, Any]:
             if not sft.max_steps:
                 return {"model_dir": model_dir(init), "steps": 0}
-            job = TrainJob(kind="sft", model_dir=model_dir(init), output_dir=str(out / "model"),
-                           data_path=str(data.dir / "data.parquet"), optim=sft.optim, epochs=10_000,
-                           max_steps=sft.max_steps, seed=cfg.seed, log_path=str(out / "train_log.jsonl"),
+            job = TrainJob(objective=SFTObjective(), model_dir=model_dir(init), output_dir=str(out / "model"),
+                           data_path=str(data_path(data)), optim=sft.optim, epochs=10_000,
+                           max_steps=sft.max_steps, seed=sft.seed, log_path=str(out / "train_log.jsonl"),
                            dev_eval=DevEval.from_config(sft, [p.prompt for p in dev], [str(p.answer) for p in dev],
                                                         "synthetic", cfg.eval.max_new_tokens))
             return self._train(job, out, "sft")
 
-        return self.store.run(0, "sft", (sft, cfg.train, cfg.seed), [data, init], body)
+        return self.store.run(0, "sft", (sft, cfg.train), [data, init], body)
 
     # ---- round r -----------------------------------------------------------------------------------------
 
@@ -136,14 +167,10 @@ class Pipeline:
         ids = [((r - 1) * cfg.questions_per_round + i) % len(pool) for i in range(cfg.questions_per_round)]
 
         def body(out: Path) -> dict[str, Any]:
-            self.pool.use(model_dir(policy))
-            start = time.perf_counter()
-            samples = sample_chains(self.pool, prompt_rows([(i, pool[i]) for i in ids], self.tokenizer), cfg)
-            tokens = sum(s["num_tokens"] for s in samples)
-            return {"rows": write_rows(out, samples), "generated_tokens": tokens,
-                    "tokens_per_s": tokens / (time.perf_counter() - start)}
+            samples, metrics = self._sample([(i, pool[i]) for i in ids], policy)
+            return {"rows": write_rows(out, samples), **metrics}
 
-        return self.store.run(r, "sample", (cfg, self.cfg.engine), [policy], body)
+        return self.store.run(r, "sample", (cfg, self.cfg.engine, self.cfg.seed), [policy], body)
 
     def grade(self, r: int, samples: StageResult) -> StageResult:
         pool = dict(enumerate(self.splits["pool"]))
@@ -176,63 +203,107 @@ class Pipeline:
                     "rollouts_per_s": rollouts / max(time.perf_counter() - start, 1e-9),
                     "mc_exact_agreement": agreement(rows) if cfg.branch.localiser == "mc" else None}
 
-        return self.store.run(r, "branch", (cfg.branch, cfg.sampling), [graded, policy], body)
+        return self.store.run(r, "branch", (cfg.branch, cfg.sampling, cfg.seed), [graded, policy], body)
 
-    def build(self, r: int, branched: StageResult, policy: StageResult) -> StageResult:
-        cfg = self.cfg
+    def build(self, r: int, worked: StageResult, graded: StageResult | None, branched: StageResult | None,
+              policy: StageResult) -> StageResult:
+        """The method's training set from this round's data (raypipe/methods/<method>.py)."""
+        cfg, method = self.cfg, self.method
+        inputs = [s for s in (worked, graded, branched, policy) if s is not None]
 
         def body(out: Path) -> dict[str, Any]:
-            chains, locs = zip(*map(from_branch_row, branched.rows())) if branched.metrics["rows"] else ((), ())
-            provenance = {"round": r, "localiser": cfg.branch.localiser, "model_version": model_dir(policy)}
-            pairs = build_pairs(chains, locs, self.decode, cfg.branch.max_pairs_per_wrong, provenance)
-            return {"rows": write_rows(out, pairs), "n_pairs": len(pairs),
-                    "rollouts_per_pair": branched.metrics["rollouts"] / len(pairs) if pairs else None}
+            provenance = {"round": r, "method": cfg.method, "model_version": model_dir(policy)}
+            if method.branches:
+                provenance["localiser"] = cfg.branch.localiser
+            rows = method.build(BuildInputs(
+                cfg=cfg, round=r, worked=worked.rows(), graded=graded.rows() if graded else [],
+                branched=branched.rows() if branched else [], eos_id=self.tokenizer.eos_token_id,
+                decode=self.decode, provenance=provenance))
+            metrics: dict[str, Any] = {"rows": write_rows(out, rows)}
+            if method.branches:
+                metrics["rollouts_per_pair"] = branched.metrics["rollouts"] / len(rows) if rows else None
+            return metrics
 
-        return self.store.run(r, "build", cfg.branch.max_pairs_per_wrong, [branched, policy], body)
+        return self.store.run(r, "build", (cfg.method, method.settings(cfg), cfg.branch, cfg.seed), inputs, body)
 
-    def reference(self, r: int, pairs: StageResult, policy: StageResult) -> StageResult:
+    def reference(self, r: int, data: StageResult, policy: StageResult) -> StageResult:
         """pi_ref log-probs of every pair, once per round, by a Ray Data pass over the frozen policy."""
+        max_length = self.method.settings(self.cfg).max_length
+
         def body(out: Path) -> dict[str, Any]:
-            if pairs.metrics["n_pairs"]:
-                dataset = add_reference_logps(ray.data.read_parquet(str(pairs.dir / "data.parquet")),
-                                              model_dir(policy), use_gpu=self.cfg.train.use_gpu,
-                                              max_length=self.cfg.stepdpo.max_length)
+            if data.metrics["rows"]:
+                dataset = add_reference_logps(ray.data.read_parquet(str(data_path(data))), model_dir(policy),
+                                              use_gpu=self.cfg.train.use_gpu, max_length=max_length)
                 dataset.repartition(1).write_parquet(str(out / "data"))
-            return {"rows": pairs.metrics["n_pairs"]}
+            return {"rows": data.metrics["rows"]}
 
-        return self.store.run(r, "reference", self.cfg.stepdpo.max_length, [pairs, policy], body)
+        return self.store.run(r, "reference", max_length, [data, policy], body)
 
-    def train(self, r: int, scored: StageResult, policy: StageResult) -> StageResult:
-        cfg, method = self.cfg, self.cfg.stepdpo
+    def train(self, r: int, data: StageResult, policy: StageResult) -> StageResult:
+        """The method's update on its training set, by the Ray Train + DeepSpeed loop."""
+        cfg, method = self.cfg, self.method
+        settings = method.settings(cfg)
 
         def body(out: Path) -> dict[str, Any]:
-            if not scored.metrics["rows"]:
-                log.warning("round %d: no pairs, the policy is carried over unchanged", r)
+            if not data.metrics["rows"]:
+                log.warning("round %d: empty training set, the policy is carried over unchanged", r)
                 return {"model_dir": model_dir(policy), "steps": 0}
-            job = TrainJob(kind="dpo", model_dir=model_dir(policy), output_dir=str(out / "model"),
-                           data_path=str(scored.dir / "data"), optim=method.optim, epochs=method.epochs,
-                           beta=method.beta, nll_weight=method.nll_weight, max_length=method.max_length,
-                           seed=cfg.seed + r, log_path=str(out / "train_log.jsonl"))
+            job = TrainJob(objective=method.objective(cfg), model_dir=model_dir(policy),
+                           output_dir=str(out / "model"), data_path=str(data_path(data)), optim=settings.optim,
+                           **self._schedule(settings), max_length=settings.max_length, seed=cfg.seed + r,
+                           log_path=str(out / "train_log.jsonl"))
             return self._train(job, out, f"round_{r}/train")
 
-        return self.store.run(r, "train", (method, cfg.train, cfg.seed), [scored, policy], body)
+        fingerprint = (cfg.method, settings, cfg.round_steps, cfg.train, cfg.seed)
+        return self.store.run(r, "train", fingerprint, [data, policy], body)
 
-    def control(self, r: int, previous: StageResult, trained: StageResult) -> StageResult:
+    def assessment_data(self, r: int, policy: StageResult) -> StageResult:
+        """Chains sampled by the round's starting policy on dev questions, for assessment accuracy."""
+        cfg = self.cfg
+        dev = self.splits["dev"][: cfg.eval.assessment_questions]
+
+        def body(out: Path) -> dict[str, Any]:
+            samples, metrics = self._sample(list(enumerate(dev)), policy)
+            graded = grade_samples(samples, dict(enumerate(dev)))
+            write_rows(out, graded, "samples.parquet")
+            return {"rows": write_rows(out, assessment_rows(graded, self.tokenizer.eos_token_id)), **metrics}
+
+        fingerprint = (cfg.eval.assessment_questions, cfg.sampling, cfg.engine, cfg.seed)
+        return self.store.run(r, "assessment_data", fingerprint, [policy], body)
+
+    def assess(self, r: int, data: StageResult, policy: StageResult, trained: StageResult) -> StageResult:
+        """Assessment accuracy (AFT paper) of the policy before and after the round's update."""
+        max_length = self.cfg.eval.max_new_tokens + 64
+
+        def body(out: Path) -> dict[str, Any]:
+            if not data.metrics["rows"]:
+                return {"assessment_before": None, "assessment_after": None}
+            dataset = ray.data.read_parquet(str(data_path(data)))
+            for name, model in (("before", policy), ("after", trained)):
+                dataset = score_sequences(dataset, model_dir(model), ("cand",), prefix=f"{name}_", average=True,
+                                          use_gpu=self.cfg.train.use_gpu, max_length=max_length)
+            scored = dataset.to_pandas()
+            write_rows(out, scored.to_dict("records"))
+            qids, positive = scored["question_id"].tolist(), scored["positive"].tolist()
+            return {f"assessment_{name}": assessment_accuracy(qids, positive, scored[f"{name}_cand_logps"].tolist())
+                    for name in ("before", "after")}
+
+        return self.store.run(r, "assess", max_length, [data, policy, trained], body)
+
+    def control(self, r: int, previous: StageResult, worked: StageResult, trained: StageResult) -> StageResult:
         """SFT continued on its own data for exactly as many optimiser steps as the method just took."""
         cfg = self.cfg
         steps = trained.metrics["steps"]
-        data = self.store.stage_dir(0, "sft_data") / "data.parquet"
 
         def body(out: Path) -> dict[str, Any]:
             if not steps:
                 return {"model_dir": model_dir(previous), "steps": 0}
-            optim = replace(cfg.sft.optim, lr=cfg.control.lr, warmup_steps=0)
-            job = TrainJob(kind="sft", model_dir=model_dir(previous), output_dir=str(out / "model"),
-                           data_path=str(data), optim=optim, epochs=10_000, max_steps=steps, seed=cfg.seed + r,
-                           log_path=str(out / "train_log.jsonl"))
+            job = TrainJob(objective=SFTObjective(), model_dir=model_dir(previous), output_dir=str(out / "model"),
+                           data_path=str(data_path(worked)), optim=cfg.vft.optim, epochs=10_000, max_steps=steps,
+                           max_length=cfg.vft.max_length, seed=cfg.seed + r, log_path=str(out / "train_log.jsonl"))
             return self._train(job, out, f"round_{r}/control")
 
-        return self.store.run(r, "control", (cfg.control, cfg.sft.optim, steps), [previous], body)
+        return self.store.run(r, "control", (cfg.vft, steps, cfg.train, cfg.seed), [previous, worked], body)
 
     def evaluate(self, r: int, name: str, policy: StageResult) -> StageResult:
         """Greedy accuracy on the held-out test split."""
@@ -248,9 +319,24 @@ class Pipeline:
             return {"accuracy": result.accuracy, "n": result.n,
                     "tokens_per_s": result.generated_tokens / (time.perf_counter() - start)}
 
-        return self.store.run(r, name, (self.cfg.eval, self.cfg.task), [policy], body)
+        return self.store.run(r, name, (self.cfg.eval.max_new_tokens, self.cfg.task), [policy], body)
 
     # ---- helpers -----------------------------------------------------------------------------------------
+
+    def _sample(self, problems: list[tuple[int, Problem]],
+                policy: StageResult) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """`sampling.samples_per_question` chains per problem from `policy`, and the throughput."""
+        self.pool.use(model_dir(policy))
+        start = time.perf_counter()
+        samples = sample_chains(self.pool, prompt_rows(problems, self.tokenizer), self.cfg.sampling)
+        tokens = sum(s["num_tokens"] for s in samples)
+        return samples, {"generated_tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
+
+    def _schedule(self, settings: UpdateConfig) -> dict[str, Any]:
+        """Epochs over the training set, or exactly `round_steps` optimiser steps (cycling the data)."""
+        if self.cfg.round_steps is None:
+            return {"epochs": settings.epochs, "max_steps": None}
+        return {"epochs": 10_000, "max_steps": self.cfg.round_steps}
 
     def _train(self, job: TrainJob, out: Path, prefix: str) -> dict[str, Any]:
         result = run_training(job, self.cfg.train)
@@ -262,8 +348,7 @@ class Pipeline:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The policy's tokenizer (training never changes it, so round 0's serves every round)."""
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                self.cfg.model.path or str(self.store.stage_dir(0, "init") / "model"))
+            self._tokenizer = AutoTokenizer.from_pretrained(model_dir(self.init_stage))
         return self._tokenizer
 
     def decode(self, ids: list[int]) -> str:
@@ -273,11 +358,18 @@ class Pipeline:
         return grade(text, gold, "synthetic").correct
 
     def round_summary(self, r: int, before: StageResult, after: StageResult, control_after: StageResult | None,
-                      branched: StageResult, pairs: StageResult) -> dict[str, Any]:
+                      branched: StageResult | None, built: StageResult, trained: StageResult,
+                      assessed: StageResult | None) -> dict[str, Any]:
         seconds = self.store.seconds
         stage_seconds = {n: seconds[f"round_{r}/{n}"] for n in ROUND_STAGES if f"round_{r}/{n}" in seconds}
-        return {"round": r, "accuracy_before": before.metrics["accuracy"],
+        branch = branched.metrics if branched else {}
+        return {"round": r, "method": self.cfg.method, "accuracy_before": before.metrics["accuracy"],
                 "accuracy_after": after.metrics["accuracy"],
                 "control_accuracy_after": control_after.metrics["accuracy"] if control_after else None,
-                "n_pairs": pairs.metrics["n_pairs"], "mc_exact_agreement": branched.metrics["mc_exact_agreement"],
-                "rollouts_per_pair": pairs.metrics["rollouts_per_pair"], "stage_seconds": stage_seconds}
+                "n_pairs": built.metrics["rows"] if self.cfg.method in PAIR_METHODS else None,
+                "n_train_rows": built.metrics["rows"], "train_steps": trained.metrics["steps"],
+                "mc_exact_agreement": branch.get("mc_exact_agreement"),
+                "rollouts_per_pair": built.metrics.get("rollouts_per_pair"),
+                "assessment_before": assessed.metrics["assessment_before"] if assessed else None,
+                "assessment_after": assessed.metrics["assessment_after"] if assessed else None,
+                "stage_seconds": stage_seconds}

@@ -15,8 +15,8 @@ from raypipe.config import RunConfig, to_dict
 
 log = logging.getLogger(__name__)
 
-SUMMARY_COLUMNS = ("round", "accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs",
-                   "mc_exact_agreement", "rollouts_per_pair")
+SUMMARY_COLUMNS = ("round", "method", "accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs",
+                   "mc_exact_agreement", "rollouts_per_pair", "assessment_before", "assessment_after")
 
 
 class Tracker:
@@ -44,6 +44,16 @@ class Tracker:
             record = json.loads(line)
             self.run.log({f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
 
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        """The per-round summary as a W&B Table (the same columns as the printed one)."""
+        if self.run is None or not summary["rounds"]:
+            return
+        import wandb
+
+        columns = list(SUMMARY_COLUMNS)
+        self.run.log({"summary": wandb.Table(columns=columns, data=[[r.get(c) for c in columns]
+                                                                    for r in summary["rounds"]])})
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
@@ -57,7 +67,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
 
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
     """The per-round figures, then the wall time of every stage (stages as rows, rounds as columns)."""
-    console = console or Console(width=120)
+    console = console or Console(width=180)
     table = Table(title=f"raypipe run '{summary['run']}' ({summary['method']})")
     for column in SUMMARY_COLUMNS:
         table.add_column(column, justify="right")
@@ -82,8 +92,11 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def plot_accuracy(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """accuracy per round for the method and the continued-SFT control (round 0 = the starting policy)."""
+def plot_accuracy(run_dir: Path, summary: dict[str, Any]) -> Path | None:
+    """accuracy per round for the method and the continued-SFT control (round 0 = the starting policy); None for
+    a run with no round (SFT only)."""
+    if not summary["rounds"]:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

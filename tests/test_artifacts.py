@@ -40,3 +40,18 @@ def test_a_stage_without_manifest_is_redone(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     store.run(0, "a", None, [], _stage(calls, "a"))
     assert calls == ["a", "a"] and store.executed == ["round_0/a"]
+
+
+def test_a_sibling_run_with_the_same_fingerprint_is_reused_not_recomputed(tmp_path: Path) -> None:
+    calls: list[str] = []
+    first = ArtifactStore(tmp_path / "method_a")
+    shared = first.run(1, "sample", {"n": 8}, [], _stage(calls, "sample"))
+    second = ArtifactStore(tmp_path / "method_b", reuse_from=[tmp_path / "method_a"])
+    again = second.run(1, "sample", {"n": 8}, [], _stage(calls, "sample"))
+    assert calls == ["sample"] and second.reused == ["round_1/sample"]
+    assert again.dir == shared.dir and again.rows() == shared.rows()
+    own = second.run(1, "train", None, [again], _stage(calls, "train"))
+    assert own.dir == tmp_path / "method_b" / "round_1" / "train"
+    assert own.manifest["inputs"] == {"method_a/round_1/sample": shared.fingerprint}
+    second.run(1, "sample", {"n": 16}, [], _stage(calls, "sample"))  # a different config is never reused
+    assert calls == ["sample", "train", "sample"]

@@ -13,10 +13,16 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def test_every_yaml_under_conf_loads() -> None:
+    """Run recipes as run configs; comparisons (a `arms:` key) as comparison configs, every arm checked too."""
+    from raypipe.compare import CompareConfig, load_compare
+
     files = sorted(CONF.glob("*.yaml"))
-    assert files
+    assert {f.stem for f in files} >= {"quickstart", "sft", "rft", "dpo", "ipo", "stepdpo", "aft", "compare"}
     for path in files:
-        assert isinstance(load_config(path), RunConfig)
+        if "arms:" in path.read_text():
+            assert isinstance(load_compare(path), CompareConfig)
+        else:
+            assert isinstance(load_config(path), RunConfig)
 
 
 def test_overrides_win_and_types_are_checked() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pyarrow.parquet as pq
 from transformers import AutoModelForCausalLM
@@ -12,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from raypipe.pipeline import ROUND_STAGES, Pipeline
 
 SUMMARY_KEYS = {"accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs", "mc_exact_agreement",
-                "rollouts_per_pair", "stage_seconds"}
+                "rollouts_per_pair", "stage_seconds", "assessment_before", "assessment_after", "train_steps"}
 
 
 def test_a_full_round_runs_and_reports(e2e_run: dict) -> None:
@@ -28,6 +27,7 @@ def test_a_full_round_runs_and_reports(e2e_run: dict) -> None:
     assert 0.1 <= round_1["accuracy_before"] <= 1.0
     assert round_1["n_pairs"] > 0 and round_1["rollouts_per_pair"] > 0
     assert 0.0 <= round_1["mc_exact_agreement"] <= 1.0
+    assert 0.0 <= round_1["assessment_before"] <= 1.0 and 0.0 <= round_1["assessment_after"] <= 1.0
     pairs = pq.read_table(run_dir / "round_1/reference/data").to_pylist()
     assert len(pairs) == round_1["n_pairs"]
     assert {"prompt", "initial_reason_steps", "chosen", "rejected", "full_chosen", "full_rejected", "answer",

@@ -1,5 +1,6 @@
-"""The Ray Train + DeepSpeed loop: SFT, Step-DPO with precomputed reference log-probs, ZeRO-3 on 2 CPU workers,
-and the dev-accuracy stop. Three TorchTrainer fits in all (10-20 s each here); the rest are pure-function tests."""
+"""The Ray Train + DeepSpeed loop: SFT, Step-DPO with precomputed reference log-probs, AFT, ZeRO-3 on 2 CPU
+workers, and the dev-accuracy stop. Four TorchTrainer fits in all (10-20 s each here); the rest are pure-function
+tests."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from raypipe.ray_env import init_ray
 from raypipe.train.collate import pad_sequences, truncate_left
 from raypipe.train.loop import lr_factor
 from raypipe.train.reference import add_reference_logps
+from raypipe.train.objectives import AFTObjective, PreferenceObjective, SFTObjective
 from raypipe.train.trainer import DevEval, TrainJob, run_training
 
 
@@ -106,7 +108,7 @@ def test_dev_stop_rule_needs_target_or_a_plateau_above_min_accuracy() -> None:
 
 def test_sft_zero2_learns_logs_and_exports(ray_cluster, tiny_model_dir: Path, splits, tmp_path: Path) -> None:
     data = _sft_parquet(tiny_model_dir, splits["sft"][:64], tmp_path / "sft.parquet")
-    job = TrainJob(kind="sft", model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
+    job = TrainJob(objective=SFTObjective(), model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
                    data_path=str(data), optim=OptimConfig(lr=3e-3, warmup_steps=2, batch_size=16), epochs=2,
                    log_path=str(tmp_path / "log.jsonl"))
     result = run_training(job, TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1))
@@ -134,9 +136,9 @@ def test_dpo_starts_at_log2_with_precomputed_reference(ray_cluster, tiny_model_d
     pairs = add_reference_logps(ray.data.from_pandas(pd.DataFrame(rows)), str(tiny_model_dir), batch_size=8,
                                 max_length=64)
     pairs.write_parquet(str(tmp_path / "pairs"))
-    job = TrainJob(kind="dpo", model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
+    job = TrainJob(objective=PreferenceObjective("sigmoid", beta=0.1), model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
                    data_path=str(tmp_path / "pairs"), optim=OptimConfig(lr=1e-3, warmup_steps=0, batch_size=16),
-                   max_steps=4, epochs=5, beta=0.1, nll_weight=0.0, max_length=64,
+                   max_steps=4, epochs=5, max_length=64,
                    log_path=str(tmp_path / "log.jsonl"))
     result = run_training(job, TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1))
     lines = _log_lines(tmp_path / "log.jsonl")
@@ -151,7 +153,7 @@ def test_zero3_two_workers_stops_at_first_dev_eval(ray_cluster, tiny_model_dir: 
     data = _sft_parquet(tiny_model_dir, splits["sft"][:64], tmp_path / "sft.parquet")
     dev = DevEval(prompts=[p.prompt for p in splits["dev"][:9]], answers=[str(p.answer) for p in splits["dev"][:9]],
                   kind="synthetic", every_steps=2, target_accuracy=0.0, max_new_tokens=8)
-    job = TrainJob(kind="sft", model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
+    job = TrainJob(objective=SFTObjective(), model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
                    data_path=str(data), optim=OptimConfig(lr=3e-3, warmup_steps=0, batch_size=16), epochs=10,
                    max_steps=6, dev_eval=dev, log_path=str(tmp_path / "log.jsonl"))
     result = run_training(job, TrainConfig(num_workers=2, cpus_per_worker=1, zero_stage=3, log_every_steps=1))
@@ -160,3 +162,34 @@ def test_zero3_two_workers_stops_at_first_dev_eval(ray_cluster, tiny_model_dir: 
     assert [line["step"] for line in _log_lines(tmp_path / "log.jsonl")] == [1, 2]
     assert _changed(tiny_model_dir, result.output_dir)
     assert _sft_loss(result.output_dir, data) < _sft_loss(tiny_model_dir, data) - 0.2, "gathered, not stale, weights"
+
+
+def _aft_rows(tok, problems) -> list[dict]:
+    """Each row: one worked solution for L_VFT, and the question's right chain against a chain whose last step is
+    off by one (ranked by how far it got, as the synthetic task does)."""
+    rows = []
+    for p in problems:
+        prompt = _ids(tok, p.prompt)
+        right = _ids(tok, p.solution) + [tok.eos_token_id]
+        wrong = _ids(tok, p.solution.replace(f"is {p.answer}.", f"is {p.answer + 1}.")) + [tok.eos_token_id]
+        rows.append({"sft_ids": prompt + right, "sft_mask": [0] * len(prompt) + [1] * len(right),
+                     "cand_ids": [prompt + right, prompt + wrong],
+                     "cand_mask": [[0] * len(prompt) + [1] * len(right), [0] * len(prompt) + [1] * len(wrong)],
+                     "cand_positive": [True, False], "cand_rank": [1000, len(p.steps) + 1]})
+    return rows
+
+
+def test_aft_trains_and_logs_alignment_and_constraint_terms(ray_cluster, tiny_model_dir: Path, splits,
+                                                            tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pd.DataFrame(_aft_rows(tok, splits["sft"][:16])).to_parquet(tmp_path / "aft.parquet")
+    job = TrainJob(objective=AFTObjective("bc", beta=0.5), model_dir=str(tiny_model_dir),
+                   output_dir=str(tmp_path / "out"), data_path=str(tmp_path / "aft.parquet"),
+                   optim=OptimConfig(lr=3e-3, warmup_steps=0, batch_size=16), epochs=6, max_length=96,
+                   log_path=str(tmp_path / "log.jsonl"))
+    result = run_training(job, TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1))
+    lines = _log_lines(tmp_path / "log.jsonl")
+    assert result.steps == 6
+    assert {"aft/vft", "aft/alignment", "aft/constrained", "aft/pair_accuracy", "aft/pair_margin"} <= lines[0].keys()
+    assert lines[-1]["aft/vft"] < lines[0]["aft/vft"], "the L_VFT term is trained"
+    assert lines[-1]["aft/pair_margin"] > lines[0]["aft/pair_margin"], "right chains pull ahead of wrong ones"

@@ -1,0 +1,54 @@
+"""The training methods, one module each: how a round's data becomes a training set, and what is minimised.
+
+    method    samples  branches  reference  objective                 settings
+    sft       no       no        no         NLL on worked solutions   vft
+    rft       yes      no        no         NLL, + own correct chains rft
+    dpo       yes      no        yes        sigmoid DPO, whole answers dpo
+    ipo       yes      no        yes        IPO, whole answers        ipo
+    stepdpo   yes      yes       yes        sigmoid DPO, single steps stepdpo
+    aft       yes      no        no         L_VFT + lambda * L_CA     aft
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from raypipe.config import RunConfig, UpdateConfig
+from raypipe.methods import aft, dpo, rft, sft, stepdpo
+from raypipe.methods.base import BuildInputs
+from raypipe.train.objectives import AFTObjective, Objective, PreferenceObjective, SFTObjective
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    samples: bool
+    """Samples chains from the answer-only pool each round."""
+    branches: bool
+    """Runs step-level branching on the wrong chains."""
+    reference: bool
+    """Needs pi_ref log-probs (precomputed once per round)."""
+    build: Callable[[BuildInputs], list[dict[str, Any]]]
+    settings: Callable[[RunConfig], UpdateConfig]
+    objective: Callable[[RunConfig], Objective]
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("sft", samples=False, branches=False, reference=False, build=sft.build,
+           settings=lambda c: c.vft, objective=lambda c: SFTObjective()),
+    Method("rft", samples=True, branches=False, reference=False, build=rft.build,
+           settings=lambda c: c.rft, objective=lambda c: SFTObjective()),
+    Method("dpo", samples=True, branches=False, reference=True, build=dpo.build, settings=lambda c: c.dpo,
+           objective=lambda c: PreferenceObjective("sigmoid", c.dpo.beta, c.dpo.nll_weight)),
+    Method("ipo", samples=True, branches=False, reference=True, build=dpo.build, settings=lambda c: c.ipo,
+           objective=lambda c: PreferenceObjective("ipo", c.ipo.beta, c.ipo.nll_weight)),
+    Method("stepdpo", samples=True, branches=True, reference=True, build=stepdpo.build,
+           settings=lambda c: c.stepdpo,
+           objective=lambda c: PreferenceObjective("sigmoid", c.stepdpo.beta, c.stepdpo.nll_weight)),
+    Method("aft", samples=True, branches=False, reference=False, build=aft.build, settings=lambda c: c.aft,
+           objective=lambda c: AFTObjective(c.aft.constraint, c.aft.beta, c.aft.weight, c.aft.mle_on_positives)),
+)}
+
+__all__ = ["METHODS", "BuildInputs", "Method"]

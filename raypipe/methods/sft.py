@@ -1,4 +1,6 @@
-"""Supervised fine-tuning rows: prompt + worked solution + EOS, loss on the solution and EOS only."""
+"""SFT (VFT) on the worked solutions: prompt + solution + EOS, loss on the solution and EOS only.
+
+The same rows train the initial policy (round 0), the `sft` method and the continued-SFT control."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from raypipe.data.synthetic import Problem
+from raypipe.methods.base import BuildInputs
 
 
 def sft_rows(problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
@@ -19,3 +22,8 @@ def sft_rows(problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase) ->
         rows.append({"input_ids": prompt_ids + answer_ids,
                      "loss_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)})
     return rows
+
+
+def build(inputs: BuildInputs) -> list[dict[str, Any]]:
+    """The `sft` method trains on the worked solutions again: no sampling, nothing new."""
+    return [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"]} for r in inputs.worked]

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from raypipe.data.steps import COT_PREFILL, step_token_ends
-from raypipe.rollout.branching import Localisation, WrongChain
+from raypipe.methods.base import BuildInputs
+from raypipe.rollout.branching import Localisation, WrongChain, from_branch_row
 
 
 def first_step_ids(ids: list[int], decode: Callable[[list[int]], str]) -> list[int]:
@@ -65,3 +66,11 @@ def build_pairs(chains: Sequence[WrongChain], localisations: Sequence[Localisati
             if len(seen) >= max_pairs_per_wrong:
                 break
     return rows
+
+
+def build(inputs: BuildInputs) -> list[dict[str, Any]]:
+    """Pairs from the branch stage's localised wrong chains."""
+    if not inputs.branched:
+        return []
+    chains, locs = zip(*map(from_branch_row, inputs.branched))
+    return build_pairs(chains, locs, inputs.decode, inputs.cfg.branch.max_pairs_per_wrong, inputs.provenance)

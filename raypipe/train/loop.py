@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from raypipe.train.collate import pad_sequences, truncate_left
-from raypipe.train.losses import dpo_loss, preference_metrics, sequence_logps, sft_loss
 
 if TYPE_CHECKING:
     from raypipe.config import OptimConfig, TrainConfig
@@ -73,8 +71,8 @@ class _Interval:
     tokens: int = 0
     seconds: float = 0.0
     loss: torch.Tensor | float = 0.0
-    chosen: list[torch.Tensor] = field(default_factory=list)
-    rejected: list[torch.Tensor] = field(default_factory=list)
+    stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    """The objective's per-step statistics, summarised by `Objective.summarise` at the log."""
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -175,20 +173,12 @@ def _hf_zero3_config(ds_config: dict[str, Any]) -> Any:
 
 
 def _read_rows(job: TrainJob) -> list[tuple]:
-    """The rank's shard, truncated to `max_length`: (ids, mask) for sft, (c_ids, c_mask, r_ids, r_mask, rc, rr)."""
+    """The rank's shard as the objective's row tuples, each truncated to `max_length` from the left."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
-    rows: list[tuple] = []
-    for table in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for r in table.to_pylist():
-            if job.kind == "sft":
-                rows.append(truncate_left(r["input_ids"], r["loss_mask"], job.max_length))
-            else:
-                rows.append((*truncate_left(r["chosen_ids"], r["chosen_mask"], job.max_length),
-                             *truncate_left(r["rejected_ids"], r["rejected_mask"], job.max_length),
-                             float(r["ref_chosen_logps"]), float(r["ref_rejected_logps"])))
-    return rows
+    return [job.objective.read(r, job.max_length)
+            for table in shard.iter_batches(batch_size=None, batch_format="pyarrow") for r in table.to_pylist()]
 
 
 def _batches(rows: list[tuple], n_rows: int, micro: int, epochs: int,
@@ -201,30 +191,15 @@ def _batches(rows: list[tuple], n_rows: int, micro: int, epochs: int,
 
 
 def _train_step(engine: Any, job: TrainJob, batch: list[tuple], pad_id: int, acc: _Interval) -> None:
-    """One optimiser step; chosen and rejected share one forward pass (one concatenated batch)."""
-    if job.kind == "sft":
-        ids, attn, mask = pad_sequences([r[0] for r in batch], [r[1] for r in batch], pad_id)
-        ids, attn, mask = ids.to(engine.device), attn.to(engine.device), mask.to(engine.device)
-        logits = engine(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        loss = sft_loss(logits, ids, mask)
-    else:
-        n = len(batch)
-        ids, attn, mask = pad_sequences([r[0] for r in batch] + [r[2] for r in batch],
-                                        [r[1] for r in batch] + [r[3] for r in batch], pad_id)
-        ids, attn, mask = ids.to(engine.device), attn.to(engine.device), mask.to(engine.device)
-        logits = engine(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        logps = sequence_logps(logits, ids, mask)
-        ref = torch.tensor([[r[4], r[5]] for r in batch], dtype=logps.dtype, device=logps.device)
-        loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], job.beta)
-        if job.nll_weight > 0:
-            loss = loss + job.nll_weight * sft_loss(logits[:n], ids[:n], mask[:n])
-        acc.chosen.append(chosen.detach())
-        acc.rejected.append(rejected.detach())
+    """One optimiser step on one micro-batch of the objective's rows."""
+    loss, stats = job.objective.step(engine, batch, pad_id)
     engine.backward(loss)
     engine.step()
     acc.steps += 1
-    acc.tokens += int(sum(len(r[0]) for r in batch) + (sum(len(r[2]) for r in batch) if job.kind == "dpo" else 0))
+    acc.tokens += sum(job.objective.tokens(r) for r in batch)
     acc.loss = acc.loss + loss.detach().float()
+    for key, value in stats.items():
+        acc.stats.setdefault(key, []).append(value)
 
 
 def _all_reduce(values: list[float], device: torch.device, op: Any = dist.ReduceOp.SUM) -> list[float]:
@@ -236,9 +211,7 @@ def _all_reduce(values: list[float], device: torch.device, op: Any = dist.Reduce
 def _log(acc: _Interval, job: TrainJob, step: int, total: int, lr: float, device: torch.device, world: int,
          rank: int, tokens_total: int, train_seconds: float) -> tuple[dict[str, float], int, float]:
     """Average the interval over ranks; rank 0 appends the JSON line and prints progress."""
-    local = {"loss": float(acc.loss) / acc.steps}
-    if job.kind == "dpo":
-        local.update(preference_metrics(torch.cat(acc.chosen), torch.cat(acc.rejected)))
+    local = {"loss": float(acc.loss) / acc.steps, **job.objective.summarise(acc.stats)}
     keys = sorted(local)
     summed = _all_reduce([local[k] for k in keys] + [acc.tokens, acc.seconds], device)
     metrics = {k: v / world for k, v in zip(keys, summed)}

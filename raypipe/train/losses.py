@@ -70,6 +70,61 @@ def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     return loss, beta * chosen.detach(), beta * rejected.detach()
 
 
+AFT_CONSTRAINTS = ("dc", "bc", "rank", "none")
+"""AFT's constraints: detached, boundary, ranking (boundary over every ordered pair), none (the unconstrained
+alignment loss, for ablations only: it drives negative scores down without bound)."""
+
+
+def aft_loss(scores: Tensor, is_positive: Tensor, group_ids: Tensor, constraint: str, beta: float,
+             ranks: Tensor | None = None) -> Tensor:
+    """AFT's constrained alignment loss (Wang et al. 2023), the mean over groups that have something to rank.
+
+    `scores` (N,) are token-averaged log-likelihoods of N candidates, `group_ids` (N,) says which question each
+    belongs to, `is_positive` (N,) whether its final answer is right. Per group, with s_p positives, s_n negatives:
+
+        dc:    log(1 + sum_p sum_n exp(sg[s_n] - s_p))                     only positives move
+        bc:    log(1 + sum_p sum_n [exp(s_n - s_p) + exp(T_p - s_n)])      B = min_p sg[s_p] - beta,
+                                                                           T_p = 2B - sg[s_p]
+        rank:  bc over every ordered pair (i above j) of `ranks` (higher is better; default: is_positive),
+               with the boundary of j set from the candidates ranked above it: B_j = min_{i above j} sg[s_i] - beta
+        none:  log(1 + sum_p sum_n exp(s_n - s_p))
+
+    For bc the stationary point of each negative is exactly B: above it the first term pushes it down, below it
+    the second pushes it back up. Groups with no positive or no negative (no two rank levels for `rank`) give
+    nothing; with no such group the loss is 0 (still attached to `scores`, so backward works).
+    """
+    if constraint not in AFT_CONSTRAINTS:
+        raise ValueError(f"unknown AFT constraint {constraint!r}; expected one of {AFT_CONSTRAINTS}")
+    if not scores.shape == is_positive.shape == group_ids.shape:
+        raise ValueError(f"scores {tuple(scores.shape)}, is_positive {tuple(is_positive.shape)} and group_ids "
+                         f"{tuple(group_ids.shape)} must have the same shape")
+    levels = (ranks if ranks is not None and constraint == "rank" else is_positive).to(scores.dtype)
+    per_group = []
+    for group in torch.unique(group_ids):
+        member = group_ids == group
+        s, level = scores[member], levels[member]
+        above = level[:, None] > level[None, :]  # above[i, j]: candidate i is ranked above candidate j
+        if not above.any():
+            continue
+        per_group.append(_group_alignment(s, above, constraint, beta))
+    if not per_group:
+        return scores.sum() * 0.0
+    return torch.stack(per_group).mean()
+
+
+def _group_alignment(s: Tensor, above: Tensor, constraint: str, beta: float) -> Tensor:
+    """log(1 + sum of the group's terms) as a logsumexp with a zero logit (stable for large violations)."""
+    i, j = above.nonzero(as_tuple=True)  # every (better, worse) pair; for dc/bc/none: (positive, negative)
+    anchor = s.detach()
+    worse = anchor[j] if constraint == "dc" else s[j]
+    logits = [worse - s[i]]
+    if constraint in ("bc", "rank"):
+        inf = torch.full_like(anchor, torch.inf)
+        boundary = torch.where(above, anchor[:, None], inf[:, None]).min(dim=0).values - beta  # B_j per candidate
+        logits.append(2 * boundary[j] - anchor[i] - s[j])  # T_ij - s_j with T_ij = 2 B_j - sg[s_i]
+    return torch.logsumexp(torch.cat([s.new_zeros(1), *logits]), dim=0)
+
+
 def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, float]:
     """The reward statistics TRL logs for preference training."""
     return {

@@ -1,4 +1,4 @@
-"""The one training entry point: Ray Train workers running DeepSpeed, for SFT, the SFT control and Step-DPO.
+"""The one training entry point: Ray Train workers running DeepSpeed, for every method's objective.
 
 `run_training` is called on the driver (after `ray.init`). It reads the round's Parquet rows as a Ray Dataset and
 starts a `TorchTrainer` whose workers run `raypipe.train.loop.train_loop_per_worker`. The result comes back from
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from raypipe.config import OptimConfig, SFTConfig, TrainConfig
+from raypipe.train.objectives import Objective
 
-KINDS = ("sft", "dpo")
 STOP_REASONS = ("target", "plateau", "max_steps", "epochs")
 
 
@@ -78,8 +78,8 @@ class DevEval:
 class TrainJob:
     """One training run: start weights, rows, objective and schedule."""
 
-    kind: str
-    """'sft' (rows: input_ids, loss_mask) or 'dpo' (rows: chosen_/rejected_ ids and masks, ref_*_logps)."""
+    objective: Objective
+    """What the rows hold and what is minimised (raypipe.train.objectives)."""
     model_dir: str
     output_dir: str
     data_path: str
@@ -88,8 +88,6 @@ class TrainJob:
     epochs: int = 1
     max_steps: int | None = None
     """Cap on optimiser steps; the cosine schedule spans min(max_steps, epochs * steps_per_epoch)."""
-    beta: float = 0.1
-    nll_weight: float = 0.0
     max_length: int = 256
     """Longest row in tokens; longer rows lose tokens from the left (the reference pass must use the same)."""
     seed: int = 0
@@ -98,10 +96,12 @@ class TrainJob:
     dev_eval: DevEval | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"TrainJob.kind={self.kind!r} is not one of {KINDS}")
         if self.epochs <= 0 or (self.max_steps is not None and self.max_steps <= 0):
             raise ValueError("epochs and max_steps must be positive")
+
+    @property
+    def kind(self) -> str:
+        return self.objective.name
 
 
 @dataclass

@@ -1,0 +1,202 @@
+"""`raypipe compare`: every method from the same SFT checkpoint, on the same samples and the same number of
+optimiser steps, over several seeds, against SFT continued for those steps (the control).
+
+Each (seed, arm) is an ordinary pipeline run in `runs/<name>/seed_<s>/<arm>/`. The runs share what they have in
+common through the artefact store (`reuse_from`): round 0 (SFT, one checkpoint for all seeds, since SFT's seed is
+`sft.seed`), and per seed the round's samples, grades and the control. So every arm sees exactly the same
+sampled chains (the same sampling budget); Step-DPO additionally spends branching rollouts, reported separately.
+Selection of hyper-parameters, if any, belongs on the dev split: the reported accuracy is on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raypipe.config import ConfigError, load_config, load_structured
+from raypipe.ray_env import init_ray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ArmConfig:
+    """One method setting of the comparison."""
+
+    method: str = "stepdpo"
+    """Method of the arm (run config `method`)."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted run-config overrides of this arm only, e.g. ['aft.constraint=dc']."""
+    rounds: int = 1
+    """Rounds of this arm; the table compares round 1, later rounds are reported as iteration."""
+
+
+@dataclass
+class CompareConfig:
+    """A method comparison: arms x seeds, one shared SFT checkpoint, equal steps."""
+
+    name: str = "compare"
+    """Folder under output_dir."""
+    output_dir: str = "runs"
+    """Where the comparison folder lives."""
+    base: str = "conf/quickstart.yaml"
+    """Run config every arm starts from."""
+    base_overrides: list[str] = field(default_factory=list)
+    """Dotted overrides applied to every arm (sizes, engine, ...)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Run seeds (sampling and training order); the SFT checkpoint is the same for all."""
+    round_steps: int = 40
+    """Optimiser steps of every arm's round update and of the control."""
+    arms: dict[str, ArmConfig] = field(default_factory=dict)
+    """Arm name -> setting. Names become folder names and table rows."""
+
+
+def load_compare(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+    cfg = load_structured(CompareConfig, path, overrides)
+    if not cfg.arms:
+        raise ConfigError(f"{path}: 'arms' is empty: name at least one method setting to compare")
+    if len(cfg.seeds) < 2:
+        raise ConfigError(f"{path}: 'seeds' needs at least 2 entries for an interval (got {cfg.seeds})")
+    for name, arm in cfg.arms.items():
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{path}: arm name {name!r} must be letters, digits, '-' or '_' (it names a folder)")
+        _arm_config(cfg, name, arm, cfg.seeds[0])  # every arm's run config is checked before anything runs
+    return cfg
+
+
+def _arm_config(cmp: CompareConfig, name: str, arm: ArmConfig, seed: int) -> Any:
+    try:
+        return load_config(cmp.base, [*cmp.base_overrides, *arm.overrides, f"method={arm.method}",
+                                      f"rounds={arm.rounds}", f"seed={seed}", f"round_steps={cmp.round_steps}",
+                                      f"output_dir={Path(cmp.output_dir) / cmp.name / f'seed_{seed}'}",
+                                      f"name={name}"])
+    except ConfigError as err:
+        raise ConfigError(f"arm '{name}': {err}") from None
+
+
+def run_compare(cmp: CompareConfig) -> dict[str, Any]:
+    """Run every (seed, arm), then write compare.json, compare.md and compare.png in the comparison folder."""
+    from raypipe.pipeline import Pipeline
+    from raypipe.rollout.generation import EnginePool
+
+    root = (Path(cmp.output_dir) / cmp.name).resolve()
+    runs: list[dict[str, Any]] = []
+    first = _arm_config(cmp, *next(iter(cmp.arms.items())), cmp.seeds[0])
+    init_ray(first.ray_num_cpus, use_gpu=first.train.use_gpu)
+    pool = EnginePool(first.engine)  # one set of engines for every arm: they only swap weights
+    try:
+        for seed in cmp.seeds:
+            for name, arm in cmp.arms.items():
+                log.warning("compare: seed %d, arm %s (%s)", seed, name, arm.method)
+                cfg = _arm_config(cmp, name, arm, seed)
+                siblings = sorted(p for p in [*root.glob("seed_*/*"), *root.parent.glob("*")]
+                                  if p.is_dir() and p != root)
+                summary = Pipeline(cfg, reuse_from=siblings, pool=pool).run()
+                runs.append({"seed": seed, "arm": name, "method": arm.method, "rounds": summary["rounds"]})
+    finally:
+        pool.shutdown()
+    result = summarise(runs, cmp)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "compare.json").write_text(json.dumps(result, indent=2))
+    (root / "compare.md").write_text(markdown_table(result))
+    plot_compare(result, root / "compare.png")
+    print(markdown_table(result))
+    return result
+
+
+def mean_interval(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean and the Student-t confidence interval of the mean over seeds."""
+    from scipy import stats
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    half = (stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)) if n > 1 else 0.0
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "values": values}
+
+
+def summarise(runs: list[dict[str, Any]], cmp: CompareConfig) -> dict[str, Any]:
+    """Per arm: round-1 accuracy (mean and 95% interval over seeds), assessment accuracy, data sizes; plus the
+    starting checkpoint, the control, and every later round of the arms that iterate."""
+    first = [r["rounds"][0] for r in runs]
+    rows: dict[str, dict[str, Any]] = {
+        "start (SFT checkpoint)": {"accuracy": mean_interval([f["accuracy_before"] for f in first])},
+        "sft continued (control)": {"accuracy": mean_interval(
+            [f["control_accuracy_after"] for f in first if f["control_accuracy_after"] is not None])},
+    }
+    for arm in cmp.arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        for k in range(max(len(r["rounds"]) for r in mine)):
+            rounds = [r["rounds"][k] for r in mine if len(r["rounds"]) > k]
+            label = arm if k == 0 else f"{arm} round {k + 1}"
+            rows[label] = {
+                "method": mine[0]["method"], "round": k + 1,
+                "accuracy": mean_interval([x["accuracy_after"] for x in rounds]),
+                "control_accuracy": _mean([x["control_accuracy_after"] for x in rounds]),
+                "train_rows": _mean([x["n_train_rows"] for x in rounds]),
+                "train_steps": _mean([x["train_steps"] for x in rounds]),
+                "assessment_before": _mean([x["assessment_before"] for x in rounds]),
+                "assessment_after": _mean([x["assessment_after"] for x in rounds]),
+                "rollouts_per_pair": _mean([x["rollouts_per_pair"] for x in rounds]),
+                "seconds": _mean([sum(x["stage_seconds"].values()) for x in rounds]),
+            }
+    return {"name": cmp.name, "seeds": list(cmp.seeds), "round_steps": cmp.round_steps, "rows": rows,
+            "runs": runs}
+
+
+def _mean(values: list[Any]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    seeds = len(result["seeds"])
+    lines = [f"Held-out accuracy (greedy, test split) after one round of each method: mean over {seeds} seeds "
+             f"and 95% t-interval; every method {result['round_steps']} optimiser steps from the same SFT "
+             "checkpoint on the same samples. Assessment: share of (right, wrong) dev chain pairs scored in the "
+             "right order, before -> after.", "",
+             "| arm | accuracy | 95% interval | per seed | train rows | assessment | rollouts/pair |",
+             "|---|---|---|---|---|---|---|"]
+    for label, row in result["rows"].items():
+        acc = row["accuracy"]
+        assessment = (f"{row['assessment_before']:.3f} -> {row['assessment_after']:.3f}"
+                      if row.get("assessment_after") is not None else "")
+        lines.append(f"| {label} | {acc['mean']:.3f} | [{acc['low']:.3f}, {acc['high']:.3f}] | "
+                     f"{', '.join(f'{v:.3f}' for v in acc['values'])} | {_cell(row.get('train_rows'), '.0f')} | "
+                     f"{assessment} | {_cell(row.get('rollouts_per_pair'), '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def plot_compare(result: dict[str, Any], path: Path) -> Path:
+    """Accuracy per arm with its 95% interval; the control and the start as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [k for k in rows if k not in ("start (SFT checkpoint)", "sft continued (control)")]
+    means = [rows[k]["accuracy"]["mean"] for k in labels]
+    errors = [[m - rows[k]["accuracy"]["low"] for k, m in zip(labels, means)],
+              [rows[k]["accuracy"]["high"] - m for k, m in zip(labels, means)]]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels), 4))
+    ax.bar(range(len(labels)), means, yerr=errors, capsize=4, color="#4c72b0")
+    for key, style in (("sft continued (control)", "--"), ("start (SFT checkpoint)", ":")):
+        ax.axhline(rows[key]["accuracy"]["mean"], linestyle=style, color="black", label=key)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylim(max(0.0, min(means + [rows["start (SFT checkpoint)"]["accuracy"]["mean"]]) - 0.15), 1.0)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"{result['name']}: {len(result['seeds'])} seeds, {result['round_steps']} steps each")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,68 @@
+"""The method comparison: its statistics, its config checks, and one small real comparison on the e2e checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raypipe.compare import ArmConfig, CompareConfig, load_compare, markdown_table, mean_interval, run_compare
+from raypipe.config import ConfigError
+
+from tests.conftest import E2E_OVERRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mean_interval_is_the_student_t_interval() -> None:
+    out = mean_interval([0.5, 0.6, 0.7])
+    # mean 0.6, sd 0.1, t(0.975, 2) = 4.302653 -> half width 0.248414
+    assert out["mean"] == pytest.approx(0.6)
+    assert out["high"] - out["mean"] == pytest.approx(4.302653 * 0.1 / 3 ** 0.5, rel=1e-6)
+    assert out["low"] == pytest.approx(2 * 0.6 - out["high"])
+
+
+def test_compare_config_errors_name_the_problem(tmp_path: Path) -> None:
+    assert set(load_compare(ROOT / "conf/compare.yaml").arms) >= {"rft", "dpo", "ipo", "stepdpo", "aft-dc",
+                                                                  "aft-bc", "aft-rank"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms:\n  x: {method: nope}\n")
+    with pytest.raises(ConfigError, match="arm 'x'.*method"):
+        load_compare(bad, [f"base={ROOT / 'conf/quickstart.yaml'}"])
+    bad.write_text("seeds: [0]\narms:\n  x: {method: dpo}\n")
+    with pytest.raises(ConfigError, match="seeds"):
+        load_compare(bad)
+    bad.write_text("arms:\n  x: {method: dpo, overrides: [dpo.nope=1]}\n")
+    with pytest.raises(ConfigError, match="dpo.nope"):
+        load_compare(bad, [f"base={ROOT / 'conf/quickstart.yaml'}"])
+
+
+def test_a_small_comparison_runs_end_to_end(e2e_run: dict, tmp_path: Path) -> None:
+    """Two arms x two seeds from the e2e run's SFT checkpoint: shared samples and control, equal steps. (The
+    other methods' training sets and objectives are tested in test_methods.py and test_objectives.py.)"""
+    sft_model = e2e_run["cfg"].run_dir / "round_0" / "sft" / "model"
+    cmp = CompareConfig(
+        name="cmp", output_dir=str(tmp_path), base=str(ROOT / "conf/quickstart.yaml"), seeds=[0, 1], round_steps=4,
+        base_overrides=[*E2E_OVERRIDES, f"model.path={sft_model}", "sft.max_steps=0", "wandb.mode=disabled",
+                        "eval.assessment_questions=24", "sampling.questions_per_round=32"],
+        arms={"aft-dc": ArmConfig(method="aft", overrides=["aft.constraint=dc"]),
+              "aft-rank": ArmConfig(method="aft", overrides=["aft.constraint=rank"])})
+    result = run_compare(cmp)
+    root = tmp_path / "cmp"
+    written = json.loads((root / "compare.json").read_text())
+    assert written["rows"].keys() == result["rows"].keys() == {
+        "start (SFT checkpoint)", "sft continued (control)", "aft-dc", "aft-rank"}
+    assert (root / "compare.png").stat().st_size > 0 and "| aft-rank |" in (root / "compare.md").read_text()
+    for arm in ("aft-dc", "aft-rank"):
+        row = result["rows"][arm]
+        assert row["train_steps"] == 4 and len(row["accuracy"]["values"]) == 2
+        assert row["assessment_before"] is not None and row["assessment_after"] is not None
+    for seed in (0, 1):  # the second arm trains on the first arm's samples, against the first arm's control
+        reused = json.loads((root / f"seed_{seed}" / "aft-rank" / "summary.json").read_text())["stages_reused"]
+        assert {"round_0/sft", "round_1/sample", "round_1/grade", "round_1/control"} <= set(reused)
+    assert "round_1/sample" not in json.loads((root / "seed_1" / "aft-dc" / "summary.json").read_text())[
+        "stages_reused"], "each seed samples anew"
+    starts = {r["rounds"][0]["accuracy_before"] for r in result["runs"]}
+    assert len(starts) == 1, "every arm and seed starts from the same checkpoint"
+    assert markdown_table(result).count("\n") == 4 + len(result["rows"])
