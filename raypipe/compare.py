@@ -122,11 +122,16 @@ def mean_interval(values: list[float], confidence: float = 0.95) -> dict[str, An
 def summarise(runs: list[dict[str, Any]], cmp: CompareConfig) -> dict[str, Any]:
     """Per arm: round-1 accuracy (mean and 95% interval over seeds), assessment accuracy, data sizes; plus the
     starting checkpoint, the control, and every later round of the arms that iterate."""
-    first = [r["rounds"][0] for r in runs]
+    per_seed: dict[int, dict[str, Any]] = {}  # the start and the control are shared by a seed's arms: one value each
+    for run in runs:
+        first = run["rounds"][0]
+        mine = per_seed.setdefault(run["seed"], {"start": first["accuracy_before"], "control": None})
+        if mine["control"] is None:
+            mine["control"] = first["control_accuracy_after"]
     rows: dict[str, dict[str, Any]] = {
-        "start (SFT checkpoint)": {"accuracy": mean_interval([f["accuracy_before"] for f in first])},
+        "start (SFT checkpoint)": {"accuracy": mean_interval([s["start"] for s in per_seed.values()])},
         "sft continued (control)": {"accuracy": mean_interval(
-            [f["control_accuracy_after"] for f in first if f["control_accuracy_after"] is not None])},
+            [s["control"] for s in per_seed.values() if s["control"] is not None])},
     }
     for arm in cmp.arms:
         mine = [r for r in runs if r["arm"] == arm]
@@ -158,15 +163,17 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = [f"Held-out accuracy (greedy, test split) after one round of each method: mean over {seeds} seeds "
              f"and 95% t-interval; every method {result['round_steps']} optimiser steps from the same SFT "
              "checkpoint on the same samples. Assessment: share of (right, wrong) dev chain pairs scored in the "
-             "right order, before -> after.", "",
-             "| arm | accuracy | 95% interval | per seed | train rows | assessment | rollouts/pair |",
-             "|---|---|---|---|---|---|---|"]
+             "right order, before -> after. 'its control': SFT continued for the same steps from the same "
+             "policy (for round 2, from round 1's control).", "",
+             "| arm | accuracy | 95% interval | per seed | its control | train rows | assessment | rollouts/pair |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, row in result["rows"].items():
         acc = row["accuracy"]
         assessment = (f"{row['assessment_before']:.3f} -> {row['assessment_after']:.3f}"
                       if row.get("assessment_after") is not None else "")
         lines.append(f"| {label} | {acc['mean']:.3f} | [{acc['low']:.3f}, {acc['high']:.3f}] | "
-                     f"{', '.join(f'{v:.3f}' for v in acc['values'])} | {_cell(row.get('train_rows'), '.0f')} | "
+                     f"{', '.join(f'{v:.3f}' for v in acc['values'])} | {_cell(row.get('control_accuracy'), '.3f')} | "
+                     f"{_cell(row.get('train_rows'), '.0f')} | "
                      f"{assessment} | {_cell(row.get('rollouts_per_pair'), '.1f')} |")
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from raypipe.compare import ArmConfig, CompareConfig, load_compare, markdown_table, mean_interval, run_compare
+from raypipe.compare import (ArmConfig, CompareConfig, load_compare, markdown_table, mean_interval, run_compare,
+                             summarise)
 from raypipe.config import ConfigError
 
 from tests.conftest import E2E_OVERRIDES
@@ -66,3 +67,19 @@ def test_a_small_comparison_runs_end_to_end(e2e_run: dict, tmp_path: Path) -> No
     starts = {r["rounds"][0]["accuracy_before"] for r in result["runs"]}
     assert len(starts) == 1, "every arm and seed starts from the same checkpoint"
     assert markdown_table(result).count("\n") == 4 + len(result["rows"])
+
+
+def test_summary_counts_the_shared_control_once_per_seed() -> None:
+    def run(seed: int, arm: str, after: float, control: float) -> dict:
+        return {"seed": seed, "arm": arm, "method": "dpo", "rounds": [{
+            "accuracy_before": 0.5, "accuracy_after": after, "control_accuracy_after": control, "n_train_rows": 10,
+            "train_steps": 4, "assessment_before": 0.6, "assessment_after": 0.7, "rollouts_per_pair": None,
+            "stage_seconds": {"train": 1.0}}]}
+
+    cmp = CompareConfig(seeds=[0, 1], arms={"a": ArmConfig(method="dpo"), "b": ArmConfig(method="dpo")})
+    result = summarise([run(0, "a", 0.6, 0.7), run(0, "b", 0.62, 0.7), run(1, "a", 0.64, 0.8),
+                        run(1, "b", 0.66, 0.8)], cmp)
+    assert result["rows"]["sft continued (control)"]["accuracy"]["values"] == [0.7, 0.8]
+    assert result["rows"]["start (SFT checkpoint)"]["accuracy"]["n"] == 2
+    assert result["rows"]["b"]["accuracy"]["values"] == [0.62, 0.66]
+    assert result["rows"]["a"]["assessment_after"] == pytest.approx(0.7)
