@@ -28,6 +28,7 @@ from raypipe.data.tiny_model import save_tiny_model
 from raypipe.train.collate import pad_sequences
 from raypipe.train.losses import sft_loss
 from raypipe.train.loop import lr_factor
+from raypipe.train.objectives import SFTObjective
 
 RAY_WORKER_NICENESS = 15
 """What raylet gives its workers by default (flag `worker_niceness`)."""
@@ -88,8 +89,8 @@ def ray_loop(model_dir: Path, data: Path, out: Path, optim: OptimConfig, steps: 
     from raypipe.train.trainer import TrainJob, run_training
 
     log_path = out / f"zero{zero}.jsonl"
-    job = TrainJob(kind="sft", model_dir=str(model_dir), output_dir=str(out / f"zero{zero}"), data_path=str(data),
-                   optim=optim, epochs=10**6, max_steps=steps, log_path=str(log_path))
+    job = TrainJob(objective=SFTObjective(), model_dir=str(model_dir), output_dir=str(out / f"zero{zero}"),
+                   data_path=str(data), optim=optim, epochs=10**6, max_steps=steps, log_path=str(log_path))
     result = run_training(job, TrainConfig(num_workers=1, cpus_per_worker=cpus, zero_stage=zero,
                                            log_every_steps=log_every))
     lines = {line["step"]: line for line in map(json.loads, log_path.read_text().splitlines())}
