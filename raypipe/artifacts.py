@@ -24,6 +24,8 @@ from raypipe.config import fingerprint
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+ARTIFACT_VERSION = 2
+"""Part of every fingerprint: raise it when a stage's output format or meaning changes, so old runs are redone."""
 ROWS_FILE = "data.parquet"
 
 
@@ -68,9 +70,10 @@ class ArtifactStore:
         """Run `body(stage_dir) -> metrics` unless an identical run of this stage is already on disk."""
         out = self.stage_dir(round_idx, name)
         label = f"round_{round_idx}/{name}"
-        fp = fingerprint(name, config, [i.fingerprint for i in inputs])
+        fp = fingerprint(ARTIFACT_VERSION, name, config, [i.fingerprint for i in inputs])
+        inputs_at = {_relative(i.dir, self.run_dir): i.fingerprint for i in inputs}
         existing = _read_manifest(out)
-        if existing and existing.get("fingerprint") == fp:
+        if existing and existing.get("fingerprint") == fp and _same_inputs(existing, self.run_dir, inputs):
             log.info("skip %s (manifest matches)", label)
             self.skipped.append(label)
             self.seconds[label] = existing["seconds"]
@@ -78,7 +81,8 @@ class ArtifactStore:
         for other in self.reuse_from:
             theirs = other / f"round_{round_idx}" / name
             manifest = _read_manifest(theirs)
-            if manifest and manifest.get("fingerprint") == fp and theirs.resolve() != out.resolve():
+            if (manifest and manifest.get("fingerprint") == fp and theirs.resolve() != out.resolve()
+                    and _same_inputs(manifest, other, inputs)):
                 log.info("reuse %s from %s (fingerprint matches)", label, other)
                 self.reused.append(label)
                 self.seconds[label] = manifest["seconds"]
@@ -91,7 +95,7 @@ class ArtifactStore:
         metrics = body(out)
         manifest = {
             "stage": name, "round": round_idx, "fingerprint": fp,
-            "inputs": {_relative(i.dir, self.run_dir): i.fingerprint for i in inputs},
+            "inputs": inputs_at,
             "seconds": round(time.perf_counter() - start, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "metrics": metrics,
         }
@@ -112,6 +116,19 @@ def write_rows(stage_dir: Path, rows: Sequence[dict[str, Any]], name: str = ROWS
 
 def read_rows(stage_dir: Path, name: str = ROWS_FILE) -> list[dict[str, Any]]:
     return pq.read_table(stage_dir / name).to_pylist()
+
+
+def _same_inputs(manifest: dict[str, Any], run_dir: Path, inputs: Sequence[StageResult]) -> bool:
+    """Whether a finished stage was built from exactly these input folders. Equal fingerprints are not enough: a
+    stage built on a sibling run's SFT is stale once this run trains its own (training is not bit-reproducible)."""
+    recorded = {_resolve(key, run_dir): fp for key, fp in manifest.get("inputs", {}).items()}
+    return recorded == {i.dir.resolve(): i.fingerprint for i in inputs}
+
+
+def _resolve(key: str, run_dir: Path) -> Path:
+    """Inverse of `_relative`: a recorded input folder, relative to the run folder or to its parent."""
+    own = run_dir / key
+    return (own if own.exists() or not (run_dir.parent / key).exists() else run_dir.parent / key).resolve()
 
 
 def _relative(path: Path, root: Path) -> str:

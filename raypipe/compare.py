@@ -49,7 +49,8 @@ class CompareConfig:
     base_overrides: list[str] = field(default_factory=list)
     """Dotted overrides applied to every arm (sizes, engine, ...)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Run seeds (sampling and training order); the SFT checkpoint is the same for all."""
+    """Run seeds: each draws its own samples (vLLM sampling is not seeded yet, so not reproducibly) and training
+    order; the SFT checkpoint is the same for all."""
     round_steps: int = 40
     """Optimiser steps of every arm's round update and of the control."""
     arms: dict[str, ArmConfig] = field(default_factory=dict)
@@ -60,11 +61,14 @@ def load_compare(path: str | Path, overrides: list[str] | None = None) -> Compar
     cfg = load_structured(CompareConfig, path, overrides)
     if not cfg.arms:
         raise ConfigError(f"{path}: 'arms' is empty: name at least one method setting to compare")
-    if len(cfg.seeds) < 2:
-        raise ConfigError(f"{path}: 'seeds' needs at least 2 entries for an interval (got {cfg.seeds})")
+    if len(set(cfg.seeds)) < 2 or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"{path}: 'seeds' needs at least 2 distinct entries for an interval (got {cfg.seeds})")
     for name, arm in cfg.arms.items():
         if not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{path}: arm name {name!r} must be letters, digits, '-' or '_' (it names a folder)")
+        if any(o.startswith("engine.") for o in arm.overrides):
+            raise ConfigError(f"{path}: arm '{name}' overrides engine settings; every arm shares one set of "
+                              "engines, so set engine.* in base_overrides")
         _arm_config(cfg, name, arm, cfg.seeds[0])  # every arm's run config is checked before anything runs
     return cfg
 
@@ -126,15 +130,18 @@ def summarise(runs: list[dict[str, Any]], cmp: CompareConfig) -> dict[str, Any]:
     for run in runs:
         first = run["rounds"][0]
         mine = per_seed.setdefault(run["seed"], {"start": first["accuracy_before"], "control": None})
-        if mine["control"] is None:
+        # a control is the seed's only if it trained the comparison's steps (an empty training set trains none)
+        if mine["control"] is None and first["train_steps"] == cmp.round_steps:
             mine["control"] = first["control_accuracy_after"]
     rows: dict[str, dict[str, Any]] = {
-        "start (SFT checkpoint)": {"accuracy": mean_interval([s["start"] for s in per_seed.values()])},
-        "sft continued (control)": {"accuracy": mean_interval(
-            [s["control"] for s in per_seed.values() if s["control"] is not None])},
-    }
+        "start (SFT checkpoint)": {"accuracy": mean_interval([s["start"] for s in per_seed.values()])}}
+    controls = [s["control"] for s in per_seed.values() if s["control"] is not None]
+    if controls:
+        rows["sft continued (control)"] = {"accuracy": mean_interval(controls)}
     for arm in cmp.arms:
         mine = [r for r in runs if r["arm"] == arm]
+        if not mine:
+            continue
         for k in range(max(len(r["rounds"]) for r in mine)):
             rounds = [r["rounds"][k] for r in mine if len(r["rounds"]) > k]
             label = arm if k == 0 else f"{arm} round {k + 1}"
@@ -197,7 +204,8 @@ def plot_compare(result: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels), 4))
     ax.bar(range(len(labels)), means, yerr=errors, capsize=4, color="#4c72b0")
     for key, style in (("sft continued (control)", "--"), ("start (SFT checkpoint)", ":")):
-        ax.axhline(rows[key]["accuracy"]["mean"], linestyle=style, color="black", label=key)
+        if key in rows:
+            ax.axhline(rows[key]["accuracy"]["mean"], linestyle=style, color="black", label=key)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_ylabel("held-out accuracy (greedy)")
     ax.set_ylim(max(0.0, min(means + [rows["start (SFT checkpoint)"]["accuracy"]["mean"]]) - 0.15), 1.0)

@@ -156,7 +156,7 @@ class Pipeline:
                                                         "synthetic", cfg.eval.max_new_tokens))
             return self._train(job, out, "sft")
 
-        return self.store.run(0, "sft", (sft, cfg.train), [data, init], body)
+        return self.store.run(0, "sft", (sft, cfg.train, cfg.eval.max_new_tokens), [data, init], body)
 
     # ---- round r -----------------------------------------------------------------------------------------
 
@@ -203,7 +203,7 @@ class Pipeline:
                     "rollouts_per_s": rollouts / max(time.perf_counter() - start, 1e-9),
                     "mc_exact_agreement": agreement(rows) if cfg.branch.localiser == "mc" else None}
 
-        return self.store.run(r, "branch", (cfg.branch, cfg.sampling, cfg.seed), [graded, policy], body)
+        return self.store.run(r, "branch", (cfg.branch, cfg.sampling, cfg.engine, cfg.seed), [graded, policy], body)
 
     def build(self, r: int, worked: StageResult, graded: StageResult | None, branched: StageResult | None,
               policy: StageResult) -> StageResult:
@@ -273,7 +273,7 @@ class Pipeline:
 
     def assess(self, r: int, data: StageResult, policy: StageResult, trained: StageResult) -> StageResult:
         """Assessment accuracy (AFT paper) of the policy before and after the round's update."""
-        max_length = self.cfg.eval.max_new_tokens + 64
+        max_length = self.cfg.sampling.max_new_tokens + 64  # the sampled chain and room for its prompt
 
         def body(out: Path) -> dict[str, Any]:
             if not data.metrics["rows"]:
@@ -319,7 +319,7 @@ class Pipeline:
             return {"accuracy": result.accuracy, "n": result.n,
                     "tokens_per_s": result.generated_tokens / (time.perf_counter() - start)}
 
-        return self.store.run(r, name, (self.cfg.eval.max_new_tokens, self.cfg.task), [policy], body)
+        return self.store.run(r, name, (self.cfg.eval.max_new_tokens, self.cfg.task, self.cfg.engine), [policy], body)
 
     # ---- helpers -----------------------------------------------------------------------------------------
 

@@ -55,3 +55,17 @@ def test_a_sibling_run_with_the_same_fingerprint_is_reused_not_recomputed(tmp_pa
     assert own.manifest["inputs"] == {"method_a/round_1/sample": shared.fingerprint}
     second.run(1, "sample", {"n": 16}, [], _stage(calls, "sample"))  # a different config is never reused
     assert calls == ["sample", "train", "sample"]
+
+
+def test_a_stage_built_on_a_deleted_siblings_stage_is_redone(tmp_path: Path) -> None:
+    import shutil
+
+    calls: list[str] = []
+    ArtifactStore(tmp_path / "a").run(0, "sft", None, [], _stage(calls, "sft"))
+    b = ArtifactStore(tmp_path / "b", reuse_from=[tmp_path / "a"])
+    b.run(1, "train", None, [b.run(0, "sft", None, [], _stage(calls, "sft"))], _stage(calls, "train"))
+    assert calls == ["sft", "train"]
+    shutil.rmtree(tmp_path / "a")
+    again = ArtifactStore(tmp_path / "b", reuse_from=[tmp_path / "a"])
+    again.run(1, "train", None, [again.run(0, "sft", None, [], _stage(calls, "sft"))], _stage(calls, "train"))
+    assert calls == ["sft", "train", "sft", "train"], "same fingerprint, but built on an SFT that is gone"

@@ -31,8 +31,12 @@ def test_compare_config_errors_name_the_problem(tmp_path: Path) -> None:
     bad.write_text("arms:\n  x: {method: nope}\n")
     with pytest.raises(ConfigError, match="arm 'x'.*method"):
         load_compare(bad, [f"base={ROOT / 'conf/quickstart.yaml'}"])
-    bad.write_text("seeds: [0]\narms:\n  x: {method: dpo}\n")
-    with pytest.raises(ConfigError, match="seeds"):
+    for seeds in ("[0]", "[0, 0]"):
+        bad.write_text(f"seeds: {seeds}\narms:\n  x: {{method: dpo}}\n")
+        with pytest.raises(ConfigError, match="distinct"):
+            load_compare(bad)
+    bad.write_text("arms:\n  x: {method: dpo, overrides: [engine.backend=hf]}\n")
+    with pytest.raises(ConfigError, match="base_overrides"):
         load_compare(bad)
     bad.write_text("arms:\n  x: {method: dpo, overrides: [dpo.nope=1]}\n")
     with pytest.raises(ConfigError, match="dpo.nope"):
@@ -76,10 +80,14 @@ def test_summary_counts_the_shared_control_once_per_seed() -> None:
             "train_steps": 4, "assessment_before": 0.6, "assessment_after": 0.7, "rollouts_per_pair": None,
             "stage_seconds": {"train": 1.0}}]}
 
-    cmp = CompareConfig(seeds=[0, 1], arms={"a": ArmConfig(method="dpo"), "b": ArmConfig(method="dpo")})
-    result = summarise([run(0, "a", 0.6, 0.7), run(0, "b", 0.62, 0.7), run(1, "a", 0.64, 0.8),
-                        run(1, "b", 0.66, 0.8)], cmp)
+    cmp = CompareConfig(seeds=[0, 1], round_steps=4,
+                        arms={"a": ArmConfig(method="dpo"), "b": ArmConfig(method="dpo")})
+    empty = run(0, "a", 0.5, 0.5)
+    empty["rounds"][0]["train_steps"] = 0  # no pair: nothing trained, so its "control" is the start
+    result = summarise([empty, run(0, "b", 0.62, 0.7), run(1, "a", 0.64, 0.8), run(1, "b", 0.66, 0.8)], cmp)
     assert result["rows"]["sft continued (control)"]["accuracy"]["values"] == [0.7, 0.8]
     assert result["rows"]["start (SFT checkpoint)"]["accuracy"]["n"] == 2
     assert result["rows"]["b"]["accuracy"]["values"] == [0.62, 0.66]
     assert result["rows"]["a"]["assessment_after"] == pytest.approx(0.7)
+    no_control = summarise([run(0, "a", 0.6, None), run(1, "a", 0.7, None)], cmp)
+    assert "sft continued (control)" not in no_control["rows"] and markdown_table(no_control)

@@ -63,6 +63,14 @@ def test_rft_adds_distinct_correct_chains_capped_per_question() -> None:
     assert len(METHODS["rft"].build(inputs("rft"))) == len(WORKED) + 4
 
 
+def test_rft_rows_keep_their_provenance_on_disk(tmp_path) -> None:
+    from raypipe.artifacts import read_rows, write_rows
+
+    write_rows(tmp_path, METHODS["rft"].build(inputs("rft")))
+    own = [r for r in read_rows(tmp_path) if r["source"] == "self"]
+    assert own and all(r["question_id"] is not None and r["round"] == 1 and r["method"] == "rft" for r in own)
+
+
 @pytest.mark.parametrize("method", ["dpo", "ipo"])
 def test_whole_answer_pairs_need_a_right_and_a_wrong_answer(method: str) -> None:
     rows = METHODS[method].build(inputs(method))

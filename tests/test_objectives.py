@@ -17,6 +17,7 @@ from raypipe.config import TaskConfig
 from raypipe.train.collate import pad_sequences
 from raypipe.train.losses import sequence_logps, sft_loss
 from raypipe.train.objectives import AFTObjective, PreferenceObjective, SFTObjective
+from tests.test_aft_loss import slow_aft
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,16 @@ def test_ipo_at_the_reference_is_the_squared_target_margin(model_and_tok) -> Non
         loss, stats = objective.step(model, [objective.read(r, 128) for r in rows], 0)
         assert loss.item() == pytest.approx(expected, abs=1e-5), loss_type  # IPO: (0 - 1/(2 beta))^2
         assert torch.allclose(stats["chosen"], torch.zeros(4, dtype=stats["chosen"].dtype), atol=1e-5)
+    # off the reference, IPO compares token-AVERAGED log-ratios: shift the summed reference log-probs by d_c, d_r
+    d_c, d_r, beta = 3.0, -2.0, 0.5
+    shifted = [{**r, "ref_chosen_logps": r["ref_chosen_logps"] - d_c, "ref_rejected_logps": r["ref_rejected_logps"] - d_r}
+               for r in rows]
+    objective = PreferenceObjective("ipo", beta=beta)
+    loss, _ = objective.step(model, [objective.read(r, 128) for r in shifted], 0)
+    n_c = [sum(r["chosen_mask"][1:]) for r in rows]
+    n_r = [sum(r["rejected_mask"][1:]) for r in rows]
+    expected = sum((d_c / c - d_r / n - 1 / (2 * beta)) ** 2 for c, n in zip(n_c, n_r)) / len(rows)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_preference_objective_rejects_unknown_loss() -> None:
@@ -93,19 +104,23 @@ def test_aft_loss_is_vft_plus_weighted_alignment(model_and_tok) -> None:
     assert only_vft.item() == pytest.approx(expected.item(), rel=1e-5)
     full, stats = AFTObjective("bc", beta=0.5, weight=2.0).step(model, batch, 0)
     assert full.item() == pytest.approx(stats["aft/vft"].item() + 2.0 * stats["aft/constrained"].item(), rel=1e-5)
-    scores = [_logps(model, r["cand_ids"], r["cand_mask"], average=True) for r in rows[:4]]
-    right_order = sum(s[0] > s[1] for s in scores) / 4
+    scores = [_logps(model, r["cand_ids"], r["cand_mask"], average=True) for r in rows]
+    right_order = sum(s[0] > s[1] for s in scores[:4]) / 4
     assert stats["aft/pair_accuracy"].item() == pytest.approx(right_order)
+    flat = [x for s in scores for x in s]  # candidates scored one row at a time, outside the objective
+    groups = [g for g, s in enumerate(scores) for _ in s]
+    positive = [p for r in rows for p in r["cand_positive"]]
+    assert stats["aft/constrained"].item() == pytest.approx(slow_aft(flat, positive, groups, "bc", 0.5), rel=1e-4)
     with_positives, _ = AFTObjective("bc", weight=0.0, mle_on_positives=True).step(model, batch, 0)
     assert with_positives.item() != pytest.approx(only_vft.item()), "positives join the NLL"
 
 
-def test_one_aft_step_raises_right_chains_above_wrong_ones(tiny_model_dir: Path) -> None:
+def _margin_gain(tiny_model_dir: Path, weight: float) -> float:
+    """How much 5 SGD steps of AFT (dc) widen the right-minus-wrong score margin."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = _aft_rows(tok)[:4]
-    objective = AFTObjective("dc", weight=1.0)
+    rows = _aft_rows(AutoTokenizer.from_pretrained(tiny_model_dir))[:4]
+    objective = AFTObjective("dc", weight=weight)
     batch = [objective.read(r, 128) for r in rows]
     optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
     _, before = objective.step(model, batch, 0)
@@ -115,7 +130,12 @@ def test_one_aft_step_raises_right_chains_above_wrong_ones(tiny_model_dir: Path)
         loss.backward()
         optimiser.step()
     _, after = objective.step(model, batch, 0)
-    assert after["aft/pair_margin"] > before["aft/pair_margin"]
+    return float(after["aft/pair_margin"] - before["aft/pair_margin"])
+
+
+def test_the_alignment_term_raises_right_chains_above_wrong_ones(tiny_model_dir: Path) -> None:
+    with_alignment, vft_only = _margin_gain(tiny_model_dir, 1.0), _margin_gain(tiny_model_dir, 0.0)
+    assert with_alignment > 0 and with_alignment > vft_only + 1e-3, (with_alignment, vft_only)
 
 
 def test_sft_objective_reads_and_counts_tokens() -> None:

@@ -168,11 +168,13 @@ def _aft_rows(tok, problems) -> list[dict]:
     """Each row: one worked solution for L_VFT, and the question's right chain against a chain whose last step is
     off by one (ranked by how far it got, as the synthetic task does)."""
     rows = []
-    for p in problems:
+    for k, p in enumerate(problems):
         prompt = _ids(tok, p.prompt)
         right = _ids(tok, p.solution) + [tok.eos_token_id]
         wrong = _ids(tok, p.solution.replace(f"is {p.answer}.", f"is {p.answer + 1}.")) + [tok.eos_token_id]
-        rows.append({"sft_ids": prompt + right, "sft_mask": [0] * len(prompt) + [1] * len(right),
+        other = problems[(k + 1) % len(problems)]  # L_VFT on another problem: it cannot rank this one's chains
+        worked = _ids(tok, other.prompt), _ids(tok, other.solution) + [tok.eos_token_id]
+        rows.append({"sft_ids": worked[0] + worked[1], "sft_mask": [0] * len(worked[0]) + [1] * len(worked[1]),
                      "cand_ids": [prompt + right, prompt + wrong],
                      "cand_mask": [[0] * len(prompt) + [1] * len(right), [0] * len(prompt) + [1] * len(wrong)],
                      "cand_positive": [True, False], "cand_rank": [1000, len(p.steps) + 1]})
