@@ -23,7 +23,8 @@ import ray
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from raypipe.artifacts import ArtifactStore, StageResult, write_rows
-from raypipe.config import RunConfig, UpdateConfig, save_config
+from raypipe.config import RunConfig, save_config
+from raypipe.update_config import UpdateConfig
 from raypipe.data.synthetic import Problem, load_splits
 from raypipe.data.tiny_model import save_tiny_model
 from raypipe.evaluate import evaluate

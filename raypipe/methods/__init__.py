@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raypipe.config import RunConfig, UpdateConfig
+from raypipe.config import RunConfig
+from raypipe.update_config import UpdateConfig
 from raypipe.methods import aft, dpo, rft, sft, stepdpo
 from raypipe.methods.base import BuildInputs
 from raypipe.train.objectives import AFTObjective, Objective, PreferenceObjective, SFTObjective
