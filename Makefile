@@ -6,9 +6,8 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE ?= disabled
-export WANDB_MODE ?= offline
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup browser demo test test-all bench clean
 
 # torch 2.13.0 first (the local CPU build; an unpinned torch pulls GB of CUDA wheels), then DeepSpeed without
 # build isolation (its sdist would otherwise build against a fresh CUDA torch), then the project with the cpu set,
@@ -25,13 +24,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Debian's chromium and its driver, for the demo page's browser test. Best effort: where apt-get cannot run (no
+# root, no sudo, no registry) the test is skipped with that reason.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium \
+	    chromium-driver >/dev/null; } || echo "chromium could not be installed: the browser test will be skipped"
+
 demo: setup
 	$(VENV)/bin/raypipe run conf/quickstart.yaml
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -m "not slow" --timeout=900
 
-test-all: setup
+test-all: setup browser
 	$(PY) -m pytest -q --timeout=1800
 
 bench: setup

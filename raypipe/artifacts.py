@@ -61,6 +61,9 @@ class ArtifactStore:
     reused: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each stage of this run, by label (a skipped stage reports the run that made it)."""
+    on_stage: Callable[[str, str, StageResult], None] | None = None
+    """Called as each stage resolves, with its label, 'executed', 'skipped' or 'reused', and its result (the run's
+    W&B tracker logs stage timings this way, as they happen)."""
 
     def stage_dir(self, round_idx: int, name: str) -> Path:
         return self.run_dir / f"round_{round_idx}" / name
@@ -75,18 +78,14 @@ class ArtifactStore:
         existing = _read_manifest(out)
         if existing and existing.get("fingerprint") == fp and _same_inputs(existing, self.run_dir, inputs):
             log.info("skip %s (manifest matches)", label)
-            self.skipped.append(label)
-            self.seconds[label] = existing["seconds"]
-            return StageResult(out, existing)
+            return self._resolved(label, "skipped", StageResult(out, existing))
         for other in self.reuse_from:
             theirs = other / f"round_{round_idx}" / name
             manifest = _read_manifest(theirs)
             if (manifest and manifest.get("fingerprint") == fp and theirs.resolve() != out.resolve()
                     and _same_inputs(manifest, other, inputs)):
                 log.info("reuse %s from %s (fingerprint matches)", label, other)
-                self.reused.append(label)
-                self.seconds[label] = manifest["seconds"]
-                return StageResult(theirs, manifest)
+                return self._resolved(label, "reused", StageResult(theirs, manifest))
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -102,9 +101,14 @@ class ArtifactStore:
         tmp = out / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
         tmp.rename(out / MANIFEST)
-        self.executed.append(label)
-        self.seconds[label] = manifest["seconds"]
-        return StageResult(out, manifest)
+        return self._resolved(label, "executed", StageResult(out, manifest))
+
+    def _resolved(self, label: str, status: str, stage: StageResult) -> StageResult:
+        {"executed": self.executed, "skipped": self.skipped, "reused": self.reused}[status].append(label)
+        self.seconds[label] = stage.manifest["seconds"]
+        if self.on_stage is not None:
+            self.on_stage(label, status, stage)
+        return stage
 
 
 def write_rows(stage_dir: Path, rows: Sequence[dict[str, Any]], name: str = ROWS_FILE) -> int:

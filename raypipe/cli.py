@@ -1,4 +1,4 @@
-"""`raypipe run | compare | eval | config show`: the command line."""
+"""`raypipe run | compare | eval | serve | config show`: the command line."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="every method from one SFT checkpoint, equal steps, several seeds")
     cmp.add_argument("config", help="comparison YAML, e.g. conf/compare.yaml")
     cmp.add_argument("overrides", nargs="*", help="dotted overrides of the comparison, e.g. seeds=[0,1]")
+    srv = sub.add_parser("serve", help="serve a run's latest model (or any model folder): OpenAI API + demo page")
+    srv.add_argument("model", help="a run folder, e.g. runs/quickstart, or a Hugging Face model folder")
+    srv.add_argument("overrides", nargs="*", help="ServeConfig fields, e.g. max_tokens=256 device=cpu")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port")
     show = sub.add_parser("config", help="print every config field with its default and meaning")
     show.add_argument("action", choices=["show"])
     args = parser.parse_args(argv)
@@ -50,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             engine = EngineConfig(backend=args.backend, max_model_len=4096)
             run_benchmark_eval(Path(args.model), Path(args.data), args.kind, args.limit, engine,
                                args.max_new_tokens, Path(args.out) if args.out else None)
+        elif args.command == "serve":
+            from raypipe.serve import serve_forever
+
+            serve_forever(args.model, args.overrides, args.host, args.port)
         else:
             print("\n".join(describe()))
     except ConfigError as err:

@@ -190,8 +190,10 @@ class EvalConfig:
 class WandbConfig:
     """Weights & Biases tracking."""
 
-    mode: str = "offline"
-    """'offline' (default: runs under <run>/wandb, `wandb sync` later), 'online' (needs a key) or 'disabled'."""
+    mode: str = "auto"
+    """'auto' (default): WANDB_MODE if set, else 'online' when WANDB_API_KEY is set, else 'offline'. 'offline'
+    writes the run under <run>/wandb (`wandb sync` it later), 'online' needs a key (in the environment, never in
+    a config), 'disabled' logs nothing."""
     project: str = "raypipe"
     """W&B project."""
     entity: str | None = None
@@ -250,9 +252,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def load_structured(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """`schema`'s defaults, then the YAML file, then dotted overrides; every mistake is a ConfigError that says
-    where (file or command line) and which key."""
+def load_structured(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                    values: tuple[str, dict[str, Any]] | None = None) -> T:
+    """`schema`'s defaults, then the YAML file, then `values` (a (source name, mapping) pair, e.g. the `args:` of a
+    Serve config), then dotted overrides; every mistake is a ConfigError that says where and which key."""
     merged: DictConfig = OmegaConf.structured(schema)
     layers: list[tuple[str, DictConfig]] = []
     if path is not None:
@@ -262,6 +265,8 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides: 
             layers.append((str(path), OmegaConf.load(path)))
         except Exception as err:  # yaml's scanner and parser errors share no useful base class
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if values is not None:
+        layers.append((values[0], OmegaConf.create(values[1])))
     if overrides:
         layers.append(("command line", OmegaConf.from_dotlist(overrides)))
     for source, layer in layers:
@@ -281,7 +286,7 @@ def _validate(cfg: RunConfig) -> None:
         "branch.search": (cfg.branch.search, {"binary", "linear"}),
         "method": (cfg.method, {"sft", "rft", "dpo", "ipo", "stepdpo", "aft"}),
         "aft.constraint": (cfg.aft.constraint, {"dc", "bc", "rank", "none"}),
-        "wandb.mode": (cfg.wandb.mode, {"offline", "online", "disabled"}),
+        "wandb.mode": (cfg.wandb.mode, {"auto", "offline", "online", "disabled"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -24,7 +24,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from raypipe.artifacts import ArtifactStore, StageResult, write_rows
 from raypipe.config import RunConfig, save_config
-from raypipe.update_config import UpdateConfig
 from raypipe.data.synthetic import Problem, load_splits
 from raypipe.data.tiny_model import save_tiny_model
 from raypipe.evaluate import evaluate
@@ -33,13 +32,15 @@ from raypipe.methods import METHODS, BuildInputs
 from raypipe.methods.aft import assessment_accuracy, assessment_rows
 from raypipe.methods.sft import sft_rows
 from raypipe.ray_env import init_ray
-from raypipe.report import Tracker, plot_accuracy, print_summary, write_summary
+from raypipe.report import plot_accuracy, print_summary, write_summary
 from raypipe.rollout.branching import Brancher, agreement, branch_row
 from raypipe.rollout.generation import EnginePool
 from raypipe.rollout.sampling import grade_samples, prompt_rows, sample_chains, wrong_chains
+from raypipe.tracking import Tracker
 from raypipe.train.objectives import SFTObjective
 from raypipe.train.reference import add_reference_logps, score_sequences
 from raypipe.train.trainer import DevEval, TrainJob, run_training
+from raypipe.update_config import UpdateConfig
 
 log = logging.getLogger(__name__)
 ROUND_STAGES = ("sample", "grade", "branch", "build", "reference", "train", "evaluate", "assessment_data",
@@ -84,6 +85,7 @@ class Pipeline:
         init_ray(cfg.ray_num_cpus, use_gpu=cfg.train.use_gpu)
         save_config(cfg, self.run_dir / "config.yaml")
         self.tracker = Tracker(cfg, self.run_dir)
+        self.store.on_stage = self.tracker.log_stage
         try:
             self.init_stage = init = self.init()
             worked = self.sft_data(init)
@@ -105,7 +107,7 @@ class Pipeline:
                     control_after = self.evaluate(r, "evaluate_control", control)
                 rounds.append(self.round_summary(r, before, after, control_after, branched, built, trained,
                                                  assessed))
-                self.tracker.log({f"round/{k}": v for k, v in rounds[-1].items() if isinstance(v, (int, float))})
+                self.tracker.log_round(rounds[-1])
                 policy, before = trained, after
         finally:
             if self.owns_pool:
@@ -341,7 +343,7 @@ class Pipeline:
 
     def _train(self, job: TrainJob, out: Path, prefix: str) -> dict[str, Any]:
         result = run_training(job, self.cfg.train)
-        self.tracker.log_training(out / "train_log.jsonl", prefix)
+        self.tracker.log_training(out / "train_log.jsonl", prefix, result.dev_history)
         return {"model_dir": result.output_dir, "steps": result.steps, "train_seconds": result.seconds,
                 "tokens_per_s": result.tokens_per_s, "final": result.metrics, "dev_history": result.dev_history}
 

@@ -1,62 +1,16 @@
-"""What a run tells its user: the per-round summary (JSON + table), an accuracy plot and W&B logging."""
+"""What a run tells its user: the per-round summary (JSON + table) and an accuracy plot (W&B: raypipe.tracking)."""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from raypipe.config import RunConfig, to_dict
-
-log = logging.getLogger(__name__)
-
 SUMMARY_COLUMNS = ("round", "method", "accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs",
                    "mc_exact_agreement", "rollouts_per_pair", "assessment_before", "assessment_after")
-
-
-class Tracker:
-    """W&B run of the driver (offline by default); every call is a no-op when mode is 'disabled'."""
-
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
-        self.run = None
-        if cfg.wandb.mode == "disabled":
-            return
-        import wandb
-
-        os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name,
-                              mode=cfg.wandb.mode, dir=str(run_dir), config=to_dict(cfg), reinit="finish_previous")
-
-    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if self.run is not None:
-            self.run.log(metrics, step=step)
-
-    def log_training(self, log_path: Path, prefix: str) -> None:
-        """Replay a trainer's JSONL log (written by rank 0) under `prefix/`."""
-        if self.run is None or not log_path.is_file():
-            return
-        for line in log_path.read_text().splitlines():
-            record = json.loads(line)
-            self.run.log({f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
-
-    def log_summary(self, summary: dict[str, Any]) -> None:
-        """The per-round summary as a W&B Table (the same columns as the printed one)."""
-        if self.run is None or not summary["rounds"]:
-            return
-        import wandb
-
-        columns = list(SUMMARY_COLUMNS)
-        self.run.log({"summary": wandb.Table(columns=columns, data=[[r.get(c) for c in columns]
-                                                                    for r in summary["rounds"]])})
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:

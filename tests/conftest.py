@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,29 @@ def e2e_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = load_config(Path(__file__).resolve().parents[1] / "conf" / "quickstart.yaml",
                       [*E2E_OVERRIDES, f"output_dir={tmp_path_factory.mktemp('runs')}", "name=e2e"])
     return {"cfg": cfg, "summary": Pipeline(cfg).run()}
+
+
+SERVE_TOKEN = "test-token"
+SERVE_LIMITS = ["max_ongoing_requests=2", "max_queued_requests=2", "max_tokens=128", "max_request_bytes=20000"]
+
+
+@pytest.fixture(scope="session")
+def served(e2e_run: dict) -> Iterator[dict]:
+    """The e2e run's trained model behind the Serve app (token required, small limits so overload is cheap)."""
+    import socket
+
+    from ray import serve
+
+    from raypipe.serve import start
+    from serving.settings import TOKEN_ENV
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ[TOKEN_ENV] = SERVE_TOKEN
+    try:
+        url = start(e2e_run["summary"]["run_dir"], SERVE_LIMITS, port=port)
+    finally:
+        del os.environ[TOKEN_ENV]
+    yield {"url": url, "token": SERVE_TOKEN, "run_dir": Path(e2e_run["summary"]["run_dir"])}
+    serve.shutdown()

@@ -16,9 +16,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from raypipe.config import ModelConfig
+from raypipe.data.steps import COT_PREFILL
 
 EOS, PAD = "<eos>", "<pad>"
 VOCAB_CAP = 512
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] | trim }}\n"
+    + COT_PREFILL
+    + "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{% endif %}{% endfor %}"
+)
+"""A chat turn renders exactly as `format_prompt` (system turns are dropped): OpenAI chat clients of the served
+model see the prompt it was trained on."""
 
 
 def build_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
@@ -34,7 +42,8 @@ def build_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
         vocab_size=VOCAB_CAP, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=1024)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=1024,
+                                   chat_template=CHAT_TEMPLATE)
 
 
 def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:

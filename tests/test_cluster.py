@@ -1,0 +1,376 @@
+"""cluster/: the `ray up` file against the ray wheel's own schema, the KubeRay manifests, and a real `ray job submit`.
+
+The job tests start their own Ray head on 127.0.0.1 with every port chosen here and their own temp dir, so they
+never meet another Ray instance on the machine (this session's `ray.init()` cluster, a colleague's, or the
+default `/tmp/ray`, whose `ray_current_cluster` file a later bare `ray.init()` would attach to). The head is
+stopped by terminating its `ray start --block` process: `ray stop` would kill every Ray process on the machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray._private.runtime_env.packaging import create_package
+from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.serve.schema import ServeDeploySchema
+
+from raypipe.config import RunConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+WORKER_PORTS = 200
+"""Size of the head's worker port range (one port per live worker process; a mini run peaks far below)."""
+JOB_TIMEOUT_S = 900
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+# ---- ray up --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_up_schema() -> dict[str, Any]:
+    """The schema `ray up` validates cluster files with, from the installed wheel (so it matches Ray 2.60)."""
+    return json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ray_up() -> dict[str, Any]:
+    return load_yaml(CLUSTER / "ray-up-gpu.yaml")
+
+
+def test_ray_up_file_passes_the_wheel_schema_and_ray_up_checks(ray_up_schema: dict, ray_up: dict) -> None:
+    from ray.autoscaler._private.commands import prepare_config
+    from ray.autoscaler._private.util import validate_config
+
+    jsonschema.validate(ray_up, ray_up_schema)
+    validate_config(prepare_config(copy.deepcopy(ray_up)))  # what `ray up` runs before it calls the cloud
+    nodes = ray_up["available_node_types"]
+    assert ray_up["head_node_type"] in nodes
+    assert ray.__version__ in ray_up["docker"]["image"], "the image's Ray must be the Ray that submits the jobs"
+    setup = " ; ".join(ray_up["setup_commands"])
+    assert setup.index("torch==2.14") < setup.index('pip install -e ".[gpu]"'), "torch first, or pip pulls another"
+
+
+def _rename_a_top_level_key(config: dict) -> None:
+    config["max_worker"] = config.pop("max_workers")
+
+
+def _drop_a_node_config(config: dict) -> None:
+    worker = next(k for k in config["available_node_types"] if k != config["head_node_type"])
+    del config["available_node_types"][worker]["node_config"]
+
+
+def _gpu_count_as_text(config: dict) -> None:
+    config["available_node_types"][config["head_node_type"]]["resources"] = {"GPU": "8"}
+
+
+def _misspell_a_docker_key(config: dict) -> None:
+    config["docker"]["imagee"] = config["docker"].pop("image")
+
+
+@pytest.mark.parametrize("mutate", [_rename_a_top_level_key, _drop_a_node_config, _gpu_count_as_text,
+                                    _misspell_a_docker_key])
+def test_ray_up_schema_rejects_a_broken_file(ray_up_schema: dict, ray_up: dict,
+                                             mutate: Callable[[dict], None]) -> None:
+    """The schema is strict enough to catch the usual edits gone wrong (so the test above is not vacuous)."""
+    broken = copy.deepcopy(ray_up)
+    mutate(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, ray_up_schema)
+
+
+# ---- KubeRay -------------------------------------------------------------------------------------------------
+
+
+def containers(cluster_spec: dict) -> list[dict]:
+    """Every Ray container of a RayCluster spec: the head's, then each worker group's."""
+    pods = [cluster_spec["headGroupSpec"]["template"]] + [g["template"] for g in cluster_spec["workerGroupSpecs"]]
+    return [c for pod in pods for c in pod["spec"]["containers"]]
+
+
+def check_cluster_spec(spec: dict) -> None:
+    """A head and a GPU worker group on one image of the installed Ray, GPUs requested the Kubernetes way."""
+    assert spec["rayVersion"] == ray.__version__
+    assert {"rayStartParams", "template"} <= spec["headGroupSpec"].keys()
+    for group in spec["workerGroupSpecs"]:
+        assert {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"} <= group.keys()
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpus = [c["resources"]["limits"].get("nvidia.com/gpu") for c in containers(spec)]
+    assert any(int(g or 0) > 0 for g in gpus[1:]), "a worker group must ask for GPUs"
+    assert len({c["image"] for c in containers(spec)}) == 1, "head and workers must run the same image"
+
+
+def secret_env(container: dict) -> dict[str, str]:
+    """Environment variables a container takes from Secrets: name -> secret name."""
+    return {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_raycluster_manifest() -> None:
+    manifest = load_yaml(CLUSTER / "kuberay" / "raycluster.yaml")
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayCluster")
+    check_cluster_spec(manifest["spec"])
+
+
+def rayjob_run_config() -> tuple[dict, RunConfig]:
+    """The RayJob manifest and the run config its entrypoint asks for (recipe + dotted overrides, checked)."""
+    manifest = load_yaml(CLUSTER / "kuberay" / "rayjob.yaml")
+    command = manifest["spec"]["entrypoint"].split()
+    assert command[:4] == ["python", "-m", "raypipe", "run"]
+    return manifest, load_config(REPO / command[4], command[5:])
+
+
+def test_rayjob_manifest_runs_a_recipe_and_cleans_up() -> None:
+    manifest, cfg = rayjob_run_config()
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayJob")
+    spec = manifest["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert Path(cfg.output_dir).is_absolute(), "the job runs in a temporary copy: output_dir must be absolute"
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert "env_vars" not in runtime_env, "raypipe's driver sets env_vars in ray.init: Ray refuses to merge both"
+    check_cluster_spec(spec["rayClusterSpec"])
+    head = containers(spec["rayClusterSpec"])[0]
+    assert secret_env(head).keys() == {"WANDB_API_KEY"}
+
+
+def test_rayservice_serves_the_rayjob_run_with_a_valid_serve_config() -> None:
+    from serving.settings import TOKEN_ENV, load_serve_config
+
+    manifest = load_yaml(CLUSTER / "kuberay" / "rayservice.yaml")
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    assert (app.name, app.route_prefix, app.import_path) == ("raypipe", "/", "serving.app:build_app")
+    args = load_serve_config(app.args, source="rayservice.yaml")  # every key a ServeConfig field, values checked
+    assert args.device == "gpu"
+    assert Path(args.model) == rayjob_run_config()[1].run_dir, "it serves the run folder rayjob.yaml writes"
+    check_cluster_spec(manifest["spec"]["rayClusterConfig"])
+    for container in containers(manifest["spec"]["rayClusterConfig"]):
+        assert TOKEN_ENV in secret_env(container), "the builder and every replica need the API token"
+
+
+# ---- ray job submit ------------------------------------------------------------------------------------------
+
+
+def job_package(working_dir: Path, out: Path) -> list[str]:
+    """The files `ray job submit --working-dir` would upload: Ray's own packaging, with the excludes it adds
+    (.gitignore and .rayignore files, and Ray 2.60's defaults .git, .venv, venv, __pycache__)."""
+    chosen: dict[str, Any] = {}
+    upload_working_dir_if_needed({"working_dir": str(working_dir)}, include_gitignore=True,
+                                 upload_fn=lambda path, excludes, is_file=False: chosen.update(excludes=excludes))
+    create_package(str(working_dir), out, include_gitignore=True, excludes=chosen["excludes"])
+    return zipfile.ZipFile(out).namelist()
+
+
+def test_working_dir_upload_skips_what_gitignore_lists(tmp_path: Path) -> None:
+    """runs/ (checkpoints) is left out only because .gitignore says so; the checkout itself stays small."""
+    checkout = tmp_path / "checkout"
+    for path in ("runs/quickstart/round_1/train/model/model.safetensors", "wandb/run.wandb",
+                 "raypipe.egg-info/PKG-INFO", "raypipe/cli.py", "conf/quickstart_mini.yaml"):
+        (checkout / path).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / path).write_bytes(b"x" * 1024)
+    shutil.copy(REPO / ".gitignore", checkout / ".gitignore")
+    assert sorted(job_package(checkout, tmp_path / "probe.zip")) == [".gitignore", "conf/quickstart_mini.yaml",
+                                                                     "raypipe/cli.py"]
+
+    names = job_package(REPO, tmp_path / "repo.zip")
+    assert "raypipe/pipeline.py" in names and "conf/quickstart_mini.yaml" in names
+    assert not [n for n in names if n.split("/")[0] in (".git", ".venv", "runs")]
+    size = (tmp_path / "repo.zip").stat().st_size
+    assert size < 8 * 2**20, f"the working_dir upload is {size / 2**20:.1f} MiB"
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports that are free now (bound together, so the OS hands out different ones)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_range(size: int) -> int:
+    """The first of `size` free consecutive ports, between Ray's default worker ports (10002-19999) and the
+    kernel's ephemeral range (32768 up), so neither another cluster's workers nor bound sockets take them."""
+    for _ in range(100):
+        first = random.randrange(20_000, 32_000 - size)
+        if all(is_free(p) for p in range(first, first + size)):
+            return first
+    raise RuntimeError(f"no {size} consecutive free ports between 20000 and 32000")
+
+
+@dataclass
+class Head:
+    """A running private head: its job API address and the environment CLI calls against it need."""
+
+    address: str
+    env: dict[str, str]
+    temp_dir: Path
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([RAY_CLI, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+
+def processes_under(temp_dir: Path) -> list[int]:
+    """Pids of live processes whose command line names `temp_dir` (every process of a head started with it)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(temp_dir) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return pids
+
+
+@contextmanager
+def ray_head(env: dict[str, str]) -> Iterator[Head]:
+    """`ray start --head --block` on 127.0.0.1 with explicit ports and a fresh temp dir, torn down with SIGTERM.
+
+    A short temp dir under the system one, not tmp_path: Ray's Unix socket paths live in it (limit 107 bytes).
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix="raypipe-head-"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, objects = free_ports(9)
+    first_worker = free_port_range(WORKER_PORTS)
+    command = [RAY_CLI, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+               "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_http),
+               "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+               "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(node_manager),
+               "--object-manager-port", str(objects), "--min-worker-port", str(first_worker),
+               "--max-worker-port", str(first_worker + WORKER_PORTS - 1), "--temp-dir", str(temp_dir),
+               "--num-cpus", "8", "--num-gpus", "0", "--disable-usage-stats"]
+    log_path = temp_dir / "ray-start.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    head = Head(f"http://127.0.0.1:{dashboard}", env, temp_dir)
+    try:
+        wait_for_job_api(head, process, log_path)
+        yield head
+    finally:
+        leftovers = stop_head(process, temp_dir)
+    assert not leftovers, f"processes outlived the head's SIGTERM (killed now): {leftovers}"
+
+
+def stop_head(process: subprocess.Popen, temp_dir: Path) -> list[int]:
+    """SIGTERM to `ray start --block`, which stops its node's processes; SIGKILL, by pid, to any that remain.
+    Returns the pids that had to be killed."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    leftovers = processes_under(temp_dir)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return leftovers
+
+
+def wait_for_job_api(head: Head, process: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+    """Until the dashboard answers the job API; fails early with `ray start`'s output if the head died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"ray start exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            urllib.request.urlopen(f"{head.address}/api/version", timeout=5).close()
+            return
+        except urllib.error.HTTPError:  # 401 from a head with token auth: up, and guarded
+            return
+        except OSError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"the job API of {head.address} did not come up in {timeout:.0f} s:\n{log_path.read_text()}")
+
+
+JOB_ENV = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false"}
+"""The head's environment, which the job's driver inherits (the job's own runtime_env env_vars would clash with
+the ones raypipe's driver passes to ray.init)."""
+
+
+def test_job_submit_runs_the_mini_quickstart_on_a_cluster(tmp_path: Path) -> None:
+    """The README's `ray job submit --working-dir . -- python -m raypipe run ...` against a real head: every stage
+    runs in the job and its artefacts land in output_dir (absolute: the job's cwd is a temporary copy)."""
+    output_dir = tmp_path / "runs"
+    submission_id = f"raypipe-mini-{random.randrange(10**6)}"
+    with ray_head(JOB_ENV) as head:
+        try:
+            submit = head.cli("job", "submit", "--address", head.address, "--submission-id", submission_id,
+                              "--working-dir", str(REPO), "--", sys.executable, "-m", "raypipe", "run",
+                              "conf/quickstart_mini.yaml", f"output_dir={output_dir}", timeout=JOB_TIMEOUT_S)
+            exit_code, stderr = submit.returncode, submit.stderr
+        except subprocess.TimeoutExpired:
+            exit_code, stderr = None, f"still running after {JOB_TIMEOUT_S} s"
+        status = JobSubmissionClient(head.address).get_job_status(submission_id)
+        if exit_code != 0 or status != JobStatus.SUCCEEDED:
+            logs = head.cli("job", "logs", "--address", head.address, submission_id)
+            print(logs.stdout[-20_000:], logs.stderr[-5_000:])
+            pytest.fail(f"job {submission_id}: {status}, `ray job submit` exit {exit_code}:\n{stderr[-5_000:]}")
+    run_dir = output_dir / "quickstart_mini"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (round_1,) = summary["rounds"]
+    assert round_1["n_pairs"] > 0 and round_1["train_steps"] > 0
+    assert {"sample", "grade", "branch", "build", "reference", "train", "evaluate"} <= round_1["stage_seconds"].keys()
+    model = run_dir / "round_1" / "train" / "model"
+    assert any(model.glob("*.safetensors")) and (model / "config.json").is_file()
+    for stage in ("init", "sft_data", "sft", "evaluate"):
+        assert (run_dir / "round_0" / stage / "manifest.json").is_file()
+    for stage in round_1["stage_seconds"]:
+        assert (run_dir / "round_1" / stage / "manifest.json").is_file()
+
+
+def test_a_token_auth_head_answers_only_clients_with_its_token() -> None:
+    """Ray 2.60 token auth from the client's side: the CLI sends a token only when RAY_AUTH_MODE=token is set
+    where it runs, and it must be the cluster's (RAY_AUTH_TOKEN here; ~/.ray/auth_token by default)."""
+    token = f"raypipe-test-{random.randrange(10**9)}"
+    with ray_head({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}) as head:
+        base = {k: v for k, v in head.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        for client_env, allowed in (({"RAY_AUTH_MODE": "disabled"}, False),
+                                    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"}, False),
+                                    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, True)):
+            listed = subprocess.run([RAY_CLI, "job", "list", "--address", head.address], env=base | client_env,
+                                    capture_output=True, text=True, timeout=120)
+            assert (listed.returncode == 0) == allowed, (client_env, listed.stderr[-2000:])
