@@ -36,7 +36,7 @@ demo: setup
 	$(VENV)/bin/raypipe run conf/quickstart.yaml
 
 test: setup browser
-	$(PY) -m pytest -q -m "not slow" --timeout=900
+	$(PY) -m pytest -q -m "not slow" --timeout=900 --durations=15
 
 test-all: setup browser
 	$(PY) -m pytest -q --timeout=1800

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from raypipe.config import ConfigError, EngineConfig, describe, load_config
 from raypipe.data.benchmarks import DataError
+from raypipe.engines.text import EngineError
 
 log = logging.getLogger("raypipe")
 
@@ -42,9 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             cfg = load_config(args.config, args.overrides)
-            from raypipe.pipeline import Pipeline  # heavy imports only once the config is known to be good
+            if cfg.method == "realign":
+                from raypipe.realign.stage import run_realign
 
-            Pipeline(cfg).run()
+                run_realign(cfg)
+            else:
+                from raypipe.pipeline import Pipeline  # heavy imports only once the config is known to be good
+
+                Pipeline(cfg).run()
         elif args.command == "compare":
             from raypipe.compare import load_compare, run_compare
 
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"raypipe: config error: {err}", file=sys.stderr)
         return 2
-    except DataError as err:
+    except (DataError, EngineError) as err:
         print(f"raypipe: {err}", file=sys.stderr)
         return 2
     return 0

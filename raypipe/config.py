@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from raypipe.data_config import LEMAConfig, ReAlignConfig
 from raypipe.update_config import AFTConfig, ControlConfig, OptimConfig, PreferenceConfig, RFTConfig, VFTConfig
 
 
@@ -70,6 +71,9 @@ class ModelConfig:
     """Tiny model only: longest sequence (prompt + completion) in tokens."""
     init_seed: int = 0
     """Tiny model only: seed of the random initialisation (learning is a seed-dependent phase transition)."""
+    extra_corpus: list[str] = field(default_factory=list)
+    """Tiny model only: text formats beyond the task's that the tokenizer learns words for: ['lema'] (the
+    correction format), so those examples fit the context. Part of the tokenizer: set it before round 0."""
 
 
 @dataclass
@@ -209,8 +213,9 @@ class RunConfig:
     output_dir: str = "runs"
     """Where run folders live."""
     method: str = "stepdpo"
-    """Training method of each round: 'sft', 'rft', 'dpo', 'ipo', 'stepdpo' or 'aft' (settings in the section
-    of the same name; 'sft' uses `vft`)."""
+    """Training method of each round: 'sft', 'rft', 'dpo', 'ipo', 'stepdpo', 'aft' or 'lema' (settings in the section
+    of the same name; 'sft' uses `vft`); or the data stage 'realign' (section `realign`), which rewrites a
+    dataset instead of running rounds."""
     rounds: int = 1
     """Rounds of sample -> grade -> (branch) -> build -> (reference) -> train -> export -> evaluate."""
     round_steps: int | None = None
@@ -235,10 +240,12 @@ class RunConfig:
     ipo: PreferenceConfig = field(default_factory=lambda: PreferenceConfig(beta=0.5))
     stepdpo: PreferenceConfig = field(default_factory=PreferenceConfig)
     aft: AFTConfig = field(default_factory=AFTConfig)
+    lema: LEMAConfig = field(default_factory=LEMAConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    realign: ReAlignConfig = field(default_factory=ReAlignConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -284,19 +291,34 @@ def _validate(cfg: RunConfig) -> None:
         "engine.backend": (cfg.engine.backend, {"vllm", "hf"}),
         "branch.localiser": (cfg.branch.localiser, {"mc", "exact"}),
         "branch.search": (cfg.branch.search, {"binary", "linear"}),
-        "method": (cfg.method, {"sft", "rft", "dpo", "ipo", "stepdpo", "aft"}),
+        "method": (cfg.method, {"sft", "rft", "dpo", "ipo", "stepdpo", "aft", "lema", "realign"}),
         "aft.constraint": (cfg.aft.constraint, {"dc", "bc", "rank", "none"}),
         "wandb.mode": (cfg.wandb.mode, {"auto", "offline", "online", "disabled"}),
+        "lema.corrector": (cfg.lema.corrector, {"exact", "model"}),
+        "model.extra_corpus": (tuple(cfg.model.extra_corpus), {(), ("lema",)}),
+        "realign.classifier": (cfg.realign.classifier, {"keyword", "model"}),
+        "realign.rewriter": (cfg.realign.rewriter, {"model", "math_template"}),
+        "realign.model.backend": (cfg.realign.model.backend, {"openai", "local"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
+    lora_sections = [n for n in ("vft", "rft", "dpo", "ipo", "stepdpo", "aft", "lema") if getattr(cfg, n).lora.rank]
+    if lora_sections and cfg.train.zero_stage == 3:
+        raise ConfigError(f"{lora_sections[0]}.lora.rank > 0 needs train.zero_stage <= 2 (LoRA under ZeRO-3 is not "
+                          "supported here)")
     if cfg.round_steps is not None and cfg.round_steps <= 0:
         raise ConfigError(f"round_steps={cfg.round_steps} must be positive (or null: the section's epochs)")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
     if cfg.model.path is None and cfg.model.hidden_size // cfg.model.num_heads < 32:
         raise ConfigError("model.hidden_size / model.num_heads must be >= 32 (vLLM's CPU attention needs it)")
+    if cfg.realign.task is not None:
+        from raypipe.realign.tasks import load_tasks
+
+        if cfg.realign.task not in load_tasks():
+            raise ConfigError(f"realign.task={cfg.realign.task!r} is not one of the 46 task names "
+                              "(raypipe/realign/tasks.yaml)")
     bad_ops = set(cfg.task.operations) - {"+", "-", "*"}
     if bad_ops:
         raise ConfigError(f"task.operations has unknown operations {sorted(bad_ops)}; use '+', '-', '*'")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from raypipe.data.synthetic import Problem, load_splits
 from raypipe.data.tiny_model import save_tiny_model
 from raypipe.evaluate import evaluate
 from raypipe.grading import grade
+from raypipe.lema.correct import run_correction
+from raypipe.lema.exact import format_corpus
 from raypipe.methods import METHODS, BuildInputs
 from raypipe.methods.aft import assessment_accuracy, assessment_rows
 from raypipe.methods.sft import sft_rows
@@ -43,7 +46,9 @@ from raypipe.train.trainer import DevEval, TrainJob, run_training
 from raypipe.update_config import UpdateConfig
 
 log = logging.getLogger(__name__)
-ROUND_STAGES = ("sample", "grade", "branch", "build", "reference", "train", "evaluate", "assessment_data",
+LEMA_CORPUS_PROBLEMS = 500
+"""Broken-and-corrected worked solutions added to the tokenizer corpus for `model.extra_corpus: [lema]`."""
+ROUND_STAGES = ("sample", "grade", "branch", "correct", "build", "reference", "train", "evaluate", "assessment_data",
                 "assess", "control", "evaluate_control")
 """Every stage a round can run, in order (a method runs a subset)."""
 PAIR_METHODS = ("dpo", "ipo", "stepdpo")
@@ -95,7 +100,8 @@ class Pipeline:
             for r in range(1, cfg.rounds + 1):
                 graded = self.grade(r, self.sample(r, policy)) if method.samples else None
                 branched = self.branch(r, graded, policy) if method.branches else None
-                built = self.build(r, worked, graded, branched, policy)
+                corrected = self.correct(r, graded, policy) if method.corrects else None
+                built = self.build(r, worked, graded, branched or corrected, policy)
                 data = self.reference(r, built, policy) if method.reference else built
                 trained = self.train(r, data, policy)
                 after = self.evaluate(r, "evaluate", trained)
@@ -106,7 +112,7 @@ class Pipeline:
                     control = self.control(r, control, worked, trained)
                     control_after = self.evaluate(r, "evaluate_control", control)
                 rounds.append(self.round_summary(r, before, after, control_after, branched, built, trained,
-                                                 assessed))
+                                                 assessed, corrected))
                 self.tracker.log_round(rounds[-1])
                 policy, before = trained, after
         finally:
@@ -132,6 +138,8 @@ class Pipeline:
             if cfg.model.path:
                 return {"model_dir": str(Path(cfg.model.path).resolve())}
             corpus = [p.prompt + p.solution for p in self.splits["sft"]] + [p.prompt for p in self.splits["pool"]]
+            if "lema" in cfg.model.extra_corpus:
+                corpus += format_corpus(self.splits["sft"][:LEMA_CORPUS_PROBLEMS])
             return {"model_dir": str(save_tiny_model(cfg.model, corpus, out / "model"))}
 
         return self.store.run(0, "init", (cfg.task, cfg.model), [], body)
@@ -208,11 +216,29 @@ class Pipeline:
 
         return self.store.run(r, "branch", (cfg.branch, cfg.sampling, cfg.engine, cfg.seed), [graded, policy], body)
 
-    def build(self, r: int, worked: StageResult, graded: StageResult | None, branched: StageResult | None,
+    def correct(self, r: int, graded: StageResult, policy: StageResult) -> StageResult:
+        """LEMA: the round's mistakes (the policy's and `lema.mistake_models`'), corrected and filtered."""
+        lema = self.cfg.lema
+        settings = (lema.corrector, lema.corrector_model, lema.corrector_chat, lema.corrector_max_tokens,
+                    lema.mistake_models, lema.max_mistakes_per_question, lema.evolve_questions, self.cfg.sampling,
+                    self.cfg.task, self.cfg.engine, self.cfg.seed)
+
+        def chains(problems: list[tuple[int, Problem]], n: int) -> list[dict[str, Any]]:
+            self.pool.use(model_dir(policy))
+            sampling = replace(self.cfg.sampling, samples_per_question=n)
+            return sample_chains(self.pool, prompt_rows(problems, self.tokenizer), sampling)
+
+        def body(out: Path) -> dict[str, Any]:
+            return run_correction(self.cfg, graded.rows(), dict(enumerate(self.splits["pool"])), out, chains)
+
+        return self.store.run(r, "correct", settings, [graded, policy], body)
+
+    def build(self, r: int, worked: StageResult, graded: StageResult | None, extra: StageResult | None,
               policy: StageResult) -> StageResult:
-        """The method's training set from this round's data (raypipe/methods/<method>.py)."""
+        """The method's training set from this round's data (raypipe/methods/<method>.py); `extra` is the
+        branch stage's output (Step-DPO) or the correct stage's (LEMA)."""
         cfg, method = self.cfg, self.method
-        inputs = [s for s in (worked, graded, branched, policy) if s is not None]
+        inputs = [s for s in (worked, graded, extra, policy) if s is not None]
 
         def body(out: Path) -> dict[str, Any]:
             provenance = {"round": r, "method": cfg.method, "model_version": model_dir(policy)}
@@ -220,11 +246,12 @@ class Pipeline:
                 provenance["localiser"] = cfg.branch.localiser
             rows = method.build(BuildInputs(
                 cfg=cfg, round=r, worked=worked.rows(), graded=graded.rows() if graded else [],
-                branched=branched.rows() if branched else [], eos_id=self.tokenizer.eos_token_id,
-                decode=self.decode, provenance=provenance))
+                branched=extra.rows() if method.branches else [],
+                corrections=extra.rows() if method.corrects else [], eos_id=self.tokenizer.eos_token_id,
+                decode=self.decode, encode=self.encode, provenance=provenance))
             metrics: dict[str, Any] = {"rows": write_rows(out, rows)}
             if method.branches:
-                metrics["rollouts_per_pair"] = branched.metrics["rollouts"] / len(rows) if rows else None
+                metrics["rollouts_per_pair"] = extra.metrics["rollouts"] / len(rows) if rows else None
             return metrics
 
         return self.store.run(r, "build", (cfg.method, method.settings(cfg), cfg.branch, cfg.seed), inputs, body)
@@ -254,7 +281,7 @@ class Pipeline:
             job = TrainJob(objective=method.objective(cfg), model_dir=model_dir(policy),
                            output_dir=str(out / "model"), data_path=str(data_path(data)), optim=settings.optim,
                            **self._schedule(settings), max_length=settings.max_length, seed=cfg.seed + r,
-                           log_path=str(out / "train_log.jsonl"))
+                           log_path=str(out / "train_log.jsonl"), lora=settings.lora)
             return self._train(job, out, f"round_{r}/train")
 
         fingerprint = (cfg.method, settings, cfg.round_steps, cfg.train, cfg.seed)
@@ -303,7 +330,8 @@ class Pipeline:
                 return {"model_dir": model_dir(previous), "steps": 0}
             job = TrainJob(objective=SFTObjective(), model_dir=model_dir(previous), output_dir=str(out / "model"),
                            data_path=str(data_path(worked)), optim=cfg.vft.optim, epochs=10_000, max_steps=steps,
-                           max_length=cfg.vft.max_length, seed=cfg.seed + r, log_path=str(out / "train_log.jsonl"))
+                           max_length=cfg.vft.max_length, seed=cfg.seed + r, log_path=str(out / "train_log.jsonl"),
+                           lora=cfg.vft.lora)
             return self._train(job, out, f"round_{r}/control")
 
         return self.store.run(r, "control", (cfg.vft, steps, cfg.train, cfg.seed), [previous, worked], body)
@@ -354,6 +382,9 @@ class Pipeline:
             self._tokenizer = AutoTokenizer.from_pretrained(model_dir(self.init_stage))
         return self._tokenizer
 
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -362,7 +393,7 @@ class Pipeline:
 
     def round_summary(self, r: int, before: StageResult, after: StageResult, control_after: StageResult | None,
                       branched: StageResult | None, built: StageResult, trained: StageResult,
-                      assessed: StageResult | None) -> dict[str, Any]:
+                      assessed: StageResult | None, corrected: StageResult | None = None) -> dict[str, Any]:
         seconds = self.store.seconds
         stage_seconds = {n: seconds[f"round_{r}/{n}"] for n in ROUND_STAGES if f"round_{r}/{n}" in seconds}
         branch = branched.metrics if branched else {}
@@ -375,4 +406,6 @@ class Pipeline:
                 "rollouts_per_pair": built.metrics.get("rollouts_per_pair"),
                 "assessment_before": assessed.metrics["assessment_before"] if assessed else None,
                 "assessment_after": assessed.metrics["assessment_after"] if assessed else None,
+                "corrections_kept": corrected.metrics["kept"] if corrected else None,
+                "correction_pass_rate": corrected.metrics["filter_pass_rate"] if corrected else None,
                 "stage_seconds": stage_seconds}

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 SUMMARY_COLUMNS = ("round", "method", "accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs",
-                   "mc_exact_agreement", "rollouts_per_pair", "assessment_before", "assessment_after")
+                   "mc_exact_agreement", "rollouts_per_pair", "assessment_before", "assessment_after",
+                   "corrections_kept", "correction_pass_rate")
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:

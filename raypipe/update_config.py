@@ -28,6 +28,21 @@ class OptimConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) instead of full fine-tuning; the export merges them, so every round still hands
+    a plain Hugging Face checkpoint to the engines."""
+
+    rank: int = 0
+    """Adapter rank r; 0 trains every weight (full fine-tuning). LEMA published: 64."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is (alpha / rank) * B A. LEMA published: 16."""
+    dropout: float = 0.05
+    """Dropout on the adapter input. LEMA published: 0.05."""
+    target_modules: str = "all-linear"
+    """Which layers get adapters: 'all-linear' (LEMA, QLoRA) or a comma-separated list of module names."""
+
+
+@dataclass
 class UpdateConfig:
     """What every method's round update has: optimiser, passes over the round's data, row length."""
 
@@ -37,6 +52,8 @@ class UpdateConfig:
     """Passes over the round's training set (ignored when `round_steps` is set)."""
     max_length: int = 256
     """Longest training row in tokens; longer rows lose tokens from the left (the end is what is scored)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Full fine-tuning (rank 0, the default) or LoRA adapters (ZeRO stage 0-2)."""
 
 
 def _preference_optim() -> OptimConfig:

@@ -159,13 +159,18 @@ def llm_config(cfg: ServeConfig, model_dir: Path, gpu: bool) -> LLMConfig:
         "max_position_embeddings"]
     engine: dict[str, Any] = {"dtype": cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if gpu else "float32"),
                               "max_model_len": max_model_len}
+    deployment: dict[str, Any] = {"num_replicas": cfg.num_replicas,
+                                  "max_ongoing_requests": cfg.engine_max_ongoing_requests}
     if not gpu:
         engine.update(enforce_eager=True, kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30))
+        # the replica and its engine share the engine's one-CPU bundle (by default the replica reserves a CPU of
+        # its own too: two for a model that runs on one, and a 2-core machine then cannot place the ingress)
+        deployment["ray_actor_options"] = {"num_cpus": 0}
     return LLMConfig(
         model_loading_config={"model_id": cfg.model_id, "model_source": str(model_dir)},
         accelerator_config={"kind": "gpu" if gpu else "cpu"},
         engine_kwargs=engine,
-        deployment_config={"num_replicas": cfg.num_replicas, "max_ongoing_requests": cfg.engine_max_ongoing_requests},
+        deployment_config=deployment,
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}},
     )
 
@@ -189,10 +194,11 @@ def build_app(args: dict[str, Any]) -> Application:
     llm = llm_config(cfg, model_dir, on_gpu(cfg.device))
     ingress = make_fastapi_ingress(RaypipeIngress, endpoint_map=ROUTES, app=fastapi_app(cfg))
     token = os.environ.get(TOKEN_ENV)
-    options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
-                               "max_queued_requests": cfg.max_queued_requests}
+    actor: dict[str, Any] = {"num_cpus": cfg.ingress_cpus}
     if token:  # the replicas may run on other machines: hand them the token the builder was started with
-        options["ray_actor_options"] = {"runtime_env": {"env_vars": {TOKEN_ENV: token}}}
+        actor["runtime_env"] = {"env_vars": {TOKEN_ENV: token}}
+    options: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests,
+                               "max_queued_requests": cfg.max_queued_requests, "ray_actor_options": actor}
     log.info("serving %s as %r (%s, answers graded as %s)", model_dir, cfg.model_id,
              llm.accelerator_config.kind, answer_kind)
     return serve.deployment(ingress, name="RaypipeIngress", **options).bind(

@@ -45,6 +45,9 @@ class ServeConfig:
     """Requests one vLLM replica batches together."""
     num_replicas: int = 1
     """vLLM replicas (each holds one copy of the model)."""
+    ingress_cpus: float = 0.1
+    """CPUs reserved per ingress replica: it only checks and forwards requests, so a small share lets the app
+    start where Ray sees few CPUs (`serve run` on a 2-core machine)."""
     dtype: str = "auto"
     """'auto' = float32 on CPU, bfloat16 on GPU."""
     kv_cache_gib: float = 0.5

@@ -40,6 +40,7 @@ E2E_OVERRIDES = [
     "sft.target_accuracy=0.5", "sft.max_steps=1500", "sft.eval_every_steps=50", "sft.optim.warmup_steps=50",
     "sampling.questions_per_round=48", "sampling.samples_per_question=6", "sampling.max_new_tokens=48",
     "branch.rollouts=6", "eval.max_new_tokens=48", "engine.batch_size=128", "wandb.mode=offline",
+    "model.extra_corpus=[lema]",  # so test_lema's round can start from this run's SFT checkpoint
 ]
 
 

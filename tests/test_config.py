@@ -17,7 +17,8 @@ def test_every_yaml_under_conf_loads() -> None:
     from raypipe.compare import CompareConfig, load_compare
 
     files = sorted(CONF.glob("*.yaml"))
-    assert {f.stem for f in files} >= {"quickstart", "sft", "rft", "dpo", "ipo", "stepdpo", "aft", "compare"}
+    assert {f.stem for f in files} >= {"quickstart", "sft", "rft", "dpo", "ipo", "stepdpo", "aft", "lema", "compare",
+                                       "compare_lema", "lema_quickstart", "realign_gsm8k"}
     for path in files:
         if "arms:" in path.read_text():
             assert isinstance(load_compare(path), CompareConfig)

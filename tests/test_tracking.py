@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from raypipe.config import ConfigError, RunConfig, WandbConfig, load_config
-from raypipe.pipeline import ROUND_STAGES, Pipeline
+from raypipe.pipeline import Pipeline
 from raypipe.report import SUMMARY_COLUMNS
 from raypipe.tracking import Tracker, resolve_mode
+from tests.test_pipeline_e2e import STEPDPO_STAGES
 
 
 class OfflineRun:
@@ -68,7 +69,7 @@ def test_the_offline_run_holds_config_training_stages_rounds_and_tables(e2e_run:
     assert {"sft/lr", "sft/tokens_per_s", "sft/dev_accuracy", "round_1/train/rewards/accuracy",
             "round_1/train/rewards/margin"} <= history.keys()
 
-    for stage in ROUND_STAGES:  # each stage's seconds, logged once, as it finished
+    for stage in STEPDPO_STAGES:  # each stage's seconds, logged once, as it finished
         assert history[f"stage/round_1/{stage}/seconds"] == [round_1["stage_seconds"][stage]]
     for stage in ("init", "sft_data", "sft", "evaluate"):
         assert history[f"stage/round_0/{stage}/seconds"][0] > 0

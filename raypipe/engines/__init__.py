@@ -1,7 +1,15 @@
-"""Generation engines behind one interface (`Generator`); `make_generator` picks one by config."""
+"""Generation engines behind two interfaces: token ids (`Generator`: the policy's sampling, branching and
+evaluation) and text (`TextGenerator`: the data methods' model calls). `make_generator` and
+`make_text_generator` pick one by config."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 from raypipe.config import EngineConfig
+from raypipe.data_config import ModelCallConfig
 from raypipe.engines.base import Completion, Generator, SamplingSpec
+from raypipe.engines.text import EngineError, Message, TextGenerator, Usage
 
 
 def make_generator(cfg: EngineConfig, model_dir: str) -> Generator:
@@ -17,4 +25,21 @@ def make_generator(cfg: EngineConfig, model_dir: str) -> Generator:
     raise ValueError(f"engine.backend={cfg.backend!r} is not one of ['hf', 'vllm']")
 
 
-__all__ = ["Completion", "Generator", "SamplingSpec", "make_generator"]
+def make_text_generator(cfg: ModelCallConfig, engine: EngineConfig, run_dir: Path) -> TextGenerator:
+    """An OpenAI-compatible client (its cache under `run_dir` unless the path is absolute) or a local model."""
+    if cfg.backend == "openai":
+        from raypipe.engines.openai_api import OpenAIEngine
+
+        cache = None if cfg.cache_dir is None else run_dir / cfg.cache_dir
+        return OpenAIEngine(cfg, cache)
+    if cfg.backend == "local":
+        from transformers import AutoTokenizer
+
+        from raypipe.engines.text import LocalTextGenerator
+
+        return LocalTextGenerator(make_generator(engine, cfg.model), AutoTokenizer.from_pretrained(cfg.model))
+    raise ValueError(f"backend={cfg.backend!r} is not one of ['local', 'openai']")
+
+
+__all__ = ["Completion", "EngineError", "Generator", "Message", "SamplingSpec", "TextGenerator", "Usage",
+           "make_generator", "make_text_generator"]

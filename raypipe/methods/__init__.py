@@ -7,6 +7,7 @@
     ipo       yes      no        yes        IPO, whole answers        ipo
     stepdpo   yes      yes       yes        sigmoid DPO, single steps stepdpo
     aft       yes      no        no         L_VFT + lambda * L_CA     aft
+    lema      yes      no        no         NLL, CoT + corrections    lema   (corrects its mistakes first)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from raypipe.config import RunConfig
 from raypipe.update_config import UpdateConfig
-from raypipe.methods import aft, dpo, rft, sft, stepdpo
+from raypipe.methods import aft, dpo, lema, rft, sft, stepdpo
 from raypipe.methods.base import BuildInputs
 from raypipe.train.objectives import AFTObjective, Objective, PreferenceObjective, SFTObjective
 
@@ -34,6 +35,8 @@ class Method:
     build: Callable[[BuildInputs], list[dict[str, Any]]]
     settings: Callable[[RunConfig], UpdateConfig]
     objective: Callable[[RunConfig], Objective]
+    corrects: bool = False
+    """Has its wrong chains corrected (LEMA's correct stage) before building."""
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -50,6 +53,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            objective=lambda c: PreferenceObjective("sigmoid", c.stepdpo.beta, c.stepdpo.nll_weight)),
     Method("aft", samples=True, branches=False, reference=False, build=aft.build, settings=lambda c: c.aft,
            objective=lambda c: AFTObjective(c.aft.constraint, c.aft.beta, c.aft.weight, c.aft.mle_on_positives)),
+    Method("lema", samples=True, branches=False, reference=False, build=lema.build, settings=lambda c: c.lema,
+           objective=lambda c: SFTObjective(), corrects=True),
 )}
 
 __all__ = ["METHODS", "BuildInputs", "Method"]

@@ -21,7 +21,10 @@ class BuildInputs:
     """The round's graded samples of the answer-only pool (empty for methods that do not sample)."""
     branched: list[dict[str, Any]] = field(default_factory=list)
     """Step-DPO only: wrong chains with their localised first wrong step and correct continuations."""
+    corrections: list[dict[str, Any]] = field(default_factory=list)
+    """LEMA only: the round's mistakes with their corrections and status (raypipe/lema/correct.py)."""
     eos_id: int = 0
     decode: Callable[[list[int]], str] = str
+    encode: Callable[[str], list[int]] = list
     provenance: dict[str, Any] = field(default_factory=dict)
     """Added to every row: round, method, localiser, model version."""

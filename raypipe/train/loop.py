@@ -105,8 +105,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ds_config = build_ds_config(job.optim, cfg, world)
     zero3 = cfg.zero_stage == 3
+    if zero3:  # the partitioned load (zero.Init) reads the world size from deepspeed.comm: join Ray Train's group
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     hf_zero3 = _hf_zero3_config(ds_config) if zero3 else None  # keep a reference: transformers holds a weakref
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32)
+    if job.lora is not None and job.lora.rank:
+        model = _with_lora(model, job.lora)
     schedule = partial(lr_factor, warmup=job.optim.warmup_steps, total=total, min_ratio=job.optim.min_lr_ratio)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
@@ -260,13 +264,27 @@ def _evaluate(model: Any, tokenizer: Any, dev: DevEval, step: int, device: torch
     return {"step": step, "accuracy": accuracy, "seconds": time.perf_counter() - start}
 
 
+def _with_lora(model: Any, lora: Any) -> Any:
+    """The model with trainable low-rank adapters (peft) and every base weight frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules if lora.target_modules == "all-linear" else [
+        m.strip() for m in lora.target_modules.split(",") if m.strip()]
+    return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=targets, task_type="CAUSAL_LM"))
+
+
 def _export(engine: Any, job: TrainJob, zero3: bool, rank: int, summary: dict[str, Any]) -> None:
-    """Rank 0 writes a normal HF directory plus SUMMARY_FILE (ZeRO-3 first gathers the weights on every rank)."""
+    """Rank 0 writes a normal HF directory plus SUMMARY_FILE (ZeRO-3 first gathers the weights on every rank;
+    LoRA adapters are merged into the base weights, so the next round's engines load a plain checkpoint)."""
     state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
     if rank == 0:
         out = Path(job.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        engine.module.save_pretrained(out, state_dict=state)
+        module = engine.module
+        if job.lora is not None and job.lora.rank:
+            module = module.merge_and_unload()
+        module.save_pretrained(out, state_dict=state)
         for pattern in _TOKENIZER_FILES:
             for src in Path(job.model_dir).glob(pattern):
                 shutil.copy2(src, out / src.name)

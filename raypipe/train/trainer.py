@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raypipe.config import OptimConfig, SFTConfig, TrainConfig
+from raypipe.update_config import LoRAConfig
 from raypipe.train.objectives import Objective
 
 STOP_REASONS = ("target", "plateau", "max_steps", "epochs")
@@ -94,6 +95,8 @@ class TrainJob:
     log_path: str | None = None
     """Rank 0 appends one JSON line per log interval here."""
     dev_eval: DevEval | None = None
+    lora: LoRAConfig | None = None
+    """LoRA adapters instead of full fine-tuning when its rank is > 0; the export is the merged model."""
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or (self.max_steps is not None and self.max_steps <= 0):
