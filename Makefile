@@ -41,8 +41,15 @@ test: setup browser
 test-all: setup browser
 	$(PY) -m pytest -q --timeout=1800
 
-bench: setup
-	$(PY) benchmarks/train_throughput.py
+# TRL is the DPO benchmark's peer, never a raypipe dependency: installed beside the benchmarks, not into .venv (its
+# runtime dependencies, transformers, accelerate and datasets, are already there).
+BENCH_DEPS := benchmarks/.deps/.installed
+$(BENCH_DEPS): $(STAMP)
+	$(PIP) install --quiet --no-deps --upgrade --target benchmarks/.deps trl==1.16.0
+	touch $(BENCH_DEPS)
+
+bench: setup $(BENCH_DEPS)
+	$(PY) -m benchmarks all
 
 clean:
 	rm -rf runs

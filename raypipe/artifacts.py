@@ -24,7 +24,7 @@ from raypipe.config import fingerprint
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-ARTIFACT_VERSION = 2
+ARTIFACT_VERSION = 3
 """Part of every fingerprint: raise it when a stage's output format or meaning changes, so old runs are redone."""
 ROWS_FILE = "data.parquet"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -98,10 +99,15 @@ class EngineConfig:
     """vLLM share of GPU memory (GPU only)."""
     enforce_eager: bool = True
     """Skip torch.compile/CUDA graphs: ~3 s instead of ~75 s start-up on CPU."""
+    trust_remote_code: bool = False
+    """Let the engines (and their tokenizers) run Python code shipped inside a model folder, which some
+    architectures need. Off: such a model is refused. Turn it on only for a model whose code you trust."""
     batch_size: int = 64
     """Prompts per Ray Data batch sent to an engine."""
     hf_batch_size: int = 128
     """Sequences per transformers.generate call (hf backend)."""
+    max_restarts: int = 3
+    """Times Ray restarts an engine actor that died (its in-flight batches are retried on the new one)."""
 
 
 @dataclass
@@ -280,7 +286,10 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides: 
         try:
             merged = OmegaConf.merge(merged, layer)
         except ConfigKeyError as err:
-            raise ConfigError(f"{source}: unknown config key '{err.full_key}'") from None
+            secret = re.search(r"(^|_)(api_?key|key|token|secret|password)$", str(err.key).lower()) is not None
+            hint = (" (keys and tokens are read from environment variables only, never from a config: e.g. "
+                    "`api_key_env` names the variable that holds a model endpoint's key)") if secret else ""
+            raise ConfigError(f"{source}: unknown config key '{err.full_key}'{hint}") from None
         except ValidationError as err:
             raise ConfigError(f"{source}: bad value for '{err.full_key}': {err.msg}") from None
     return OmegaConf.to_object(merged)  # type: ignore[return-value]

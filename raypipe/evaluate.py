@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from raypipe.artifacts import write_rows
-from raypipe.config import EngineConfig
+from raypipe.config import ConfigError, EngineConfig
 from raypipe.data.benchmarks import DataError, load_benchmark
+from raypipe.data.rows import Problem, counts_by_reason, rejected_row
 from raypipe.data.steps import format_prompt
 from raypipe.engines.base import SamplingSpec
+from raypipe.engines.checks import context_length, require_safetensors
+from raypipe.engines.text import prompt_too_long
 from raypipe.grading import grade
 from raypipe.ray_env import init_ray
 from raypipe.rollout.generation import EnginePool, generate_rows
@@ -23,17 +26,27 @@ from raypipe.rollout.generation import EnginePool, generate_rows
 @dataclass
 class EvalResult:
     accuracy: float
+    """Share of the evaluated questions graded correct."""
     n: int
+    """Questions evaluated (those set aside not included)."""
     rows: list[dict[str, Any]]
     generated_tokens: int
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
+    """Questions never sent to the engine, as {qid, problem}: a prompt with no room for its answer in the context."""
 
 
 def evaluate(pool: EnginePool, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
              golds: Sequence[str], kind: str, max_new_tokens: int) -> EvalResult:
-    """Greedy-decode every question with the step prompt and grade the final answers."""
-    rows = [{"qid": i, "question": q, "gold": g,
-             "prompt_ids": tokenizer(format_prompt(q), add_special_tokens=False).input_ids}
-            for i, (q, g) in enumerate(zip(questions, golds))]
+    """Greedy-decode every question with the step prompt and grade the final answers. A prompt that leaves no
+    room for `max_new_tokens` in the engine's context is set aside first: vLLM would fail the whole batch for it."""
+    rows, set_aside = [], []
+    for i, (q, g) in enumerate(zip(questions, golds)):
+        ids = tokenizer(format_prompt(q), add_special_tokens=False).input_ids
+        why = prompt_too_long(len(ids), max_new_tokens, pool.cfg.max_model_len)
+        if why is None:
+            rows.append({"qid": i, "question": q, "gold": g, "prompt_ids": ids})
+        else:
+            set_aside.append({"qid": i, "problem": Problem("question", "prompt_too_long", why)})
     outputs = generate_rows(pool, rows, SamplingSpec(n=1, temperature=0.0, max_tokens=max_new_tokens))
     graded = []
     for row in outputs:
@@ -43,27 +56,45 @@ def evaluate(pool: EnginePool, tokenizer: PreTrainedTokenizerBase, questions: Se
                        "correct": verdict.correct, "grade_reason": verdict.reason})
     correct = sum(r["correct"] for r in graded)
     return EvalResult(accuracy=correct / max(len(graded), 1), n=len(graded), rows=graded,
-                      generated_tokens=sum(r["num_tokens"] for r in outputs))
+                      generated_tokens=sum(r["num_tokens"] for r in outputs), set_aside=set_aside)
 
 
 def run_benchmark_eval(model_dir: Path, data: Path, kind: str, limit: int | None, engine: EngineConfig,
                        max_new_tokens: int, out: Path | None) -> EvalResult:
-    """`raypipe eval`: accuracy of any local HF model directory on a JSONL benchmark, bad rows set aside."""
+    """`raypipe eval`: accuracy of any local HF model directory on a JSONL benchmark. Bad rows and prompts too long
+    for the model are set aside into `out`/rejected.jsonl, counted by reason in `out`/manifest.json."""
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    require_safetensors(model_dir)
     loaded = load_benchmark(data, kind, limit)
+    engine = replace(engine, max_model_len=context_length(model_dir, engine.max_model_len))
+    if max_new_tokens >= engine.max_model_len:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a question in the model's context "
+                          f"of {engine.max_model_len} tokens")
     init_ray(8, use_gpu=engine.num_gpus > 0)
     pool = EnginePool(engine).use(str(model_dir))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=engine.trust_remote_code)
         result = evaluate(pool, tokenizer, [r["question"] for r in loaded.rows], [r["gold"] for r in loaded.rows],
                           kind, max_new_tokens)
     finally:
         pool.shutdown()
+    for row in result.rows:  # where each prediction's question is in the file
+        row["row"] = loaded.rows[row["qid"]]["row"]
+    too_long = [rejected_row(data, loaded.rows[s["qid"]]["row"], s["problem"], loaded.rows[s["qid"]]["question"])
+                for s in result.set_aside]
+    rejected = sorted(loaded.rejected + too_long, key=lambda r: r["row"])
+    by_reason = counts_by_reason(rejected)
+    correct = sum(r["correct"] for r in result.rows)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_rows(out, result.rows, "predictions.parquet")
-        (out / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in loaded.rejected))
-    print(f"{data}: accuracy {result.accuracy:.4f} ({sum(r['correct'] for r in result.rows)}/{result.n}), "
-          f"{len(loaded.rejected)} row(s) rejected")
+        (out / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejected))
+        manifest = {"model": str(model_dir), "data": str(data), "kind": kind, "limit": limit,
+                    "max_new_tokens": max_new_tokens, "context": engine.max_model_len, "evaluated": result.n,
+                    "correct": correct, "accuracy": result.accuracy, "rejected": len(rejected),
+                    "rejected_by_reason": by_reason}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    reasons = f" ({', '.join(f'{k} {v}' for k, v in by_reason.items())})" if by_reason else ""
+    print(f"{data}: accuracy {result.accuracy:.4f} ({correct}/{result.n}), {len(rejected)} row(s) rejected{reasons}")
     return result

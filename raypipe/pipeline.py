@@ -27,15 +27,16 @@ from raypipe.artifacts import ArtifactStore, StageResult, write_rows
 from raypipe.config import RunConfig, save_config
 from raypipe.data.synthetic import Problem, load_splits
 from raypipe.data.tiny_model import save_tiny_model
+from raypipe.engines.base import derive_seed
 from raypipe.evaluate import evaluate
 from raypipe.grading import grade
-from raypipe.lema.correct import run_correction
+from raypipe.lema.correct import correction_settings, run_correction
 from raypipe.lema.exact import format_corpus
 from raypipe.methods import METHODS, BuildInputs
 from raypipe.methods.aft import assessment_accuracy, assessment_rows
 from raypipe.methods.sft import sft_rows
 from raypipe.ray_env import init_ray
-from raypipe.report import plot_accuracy, print_summary, write_summary
+from raypipe.report import plot_accuracy, print_summary, round_summary, write_summary
 from raypipe.rollout.branching import Brancher, agreement, branch_row
 from raypipe.rollout.generation import EnginePool
 from raypipe.rollout.sampling import grade_samples, prompt_rows, sample_chains, wrong_chains
@@ -48,10 +49,6 @@ from raypipe.update_config import UpdateConfig
 log = logging.getLogger(__name__)
 LEMA_CORPUS_PROBLEMS = 500
 """Broken-and-corrected worked solutions added to the tokenizer corpus for `model.extra_corpus: [lema]`."""
-ROUND_STAGES = ("sample", "grade", "branch", "correct", "build", "reference", "train", "evaluate", "assessment_data",
-                "assess", "control", "evaluate_control")
-"""Every stage a round can run, in order (a method runs a subset)."""
-PAIR_METHODS = ("dpo", "ipo", "stepdpo")
 
 
 def model_dir(stage: StageResult) -> str:
@@ -111,8 +108,9 @@ class Pipeline:
                 if cfg.control.enabled and cfg.method != "sft":
                     control = self.control(r, control, worked, trained)
                     control_after = self.evaluate(r, "evaluate_control", control)
-                rounds.append(self.round_summary(r, before, after, control_after, branched, built, trained,
-                                                 assessed, corrected))
+                rounds.append(round_summary(r, cfg.method, self.store.seconds, {
+                    "before": before, "evaluate": after, "evaluate_control": control_after, "branch": branched,
+                    "build": built, "train": trained, "assess": assessed, "correct": corrected}))
                 self.tracker.log_round(rounds[-1])
                 policy, before = trained, after
         finally:
@@ -178,7 +176,7 @@ class Pipeline:
         ids = [((r - 1) * cfg.questions_per_round + i) % len(pool) for i in range(cfg.questions_per_round)]
 
         def body(out: Path) -> dict[str, Any]:
-            samples, metrics = self._sample([(i, pool[i]) for i in ids], policy)
+            samples, metrics = self._sample([(i, pool[i]) for i in ids], policy, derive_seed(self.cfg.seed, r, "sample"))
             return {"rows": write_rows(out, samples), **metrics}
 
         return self.store.run(r, "sample", (cfg, self.cfg.engine, self.cfg.seed), [policy], body)
@@ -206,7 +204,7 @@ class Pipeline:
             chains = wrong_chains(graded.rows(), self.decode, cfg.branch.max_wrong_per_question)
             start = time.perf_counter()
             brancher = Brancher(cfg.branch, self.pool, self.is_correct, self.decode, cfg.sampling.temperature,
-                                cfg.sampling.top_p, cfg.sampling.max_new_tokens)
+                                cfg.sampling.top_p, cfg.sampling.max_new_tokens, derive_seed(cfg.seed, r, "branch"))
             rows = [branch_row(c, loc) for c, loc in zip(chains, brancher.localise(chains))]
             rollouts = sum(r["rollouts"] for r in rows)
             return {"rows": write_rows(out, rows), "wrong_chains": len(rows),
@@ -218,20 +216,16 @@ class Pipeline:
 
     def correct(self, r: int, graded: StageResult, policy: StageResult) -> StageResult:
         """LEMA: the round's mistakes (the policy's and `lema.mistake_models`'), corrected and filtered."""
-        lema = self.cfg.lema
-        settings = (lema.corrector, lema.corrector_model, lema.corrector_chat, lema.corrector_max_tokens,
-                    lema.mistake_models, lema.max_mistakes_per_question, lema.evolve_questions, self.cfg.sampling,
-                    self.cfg.task, self.cfg.engine, self.cfg.seed)
-
         def chains(problems: list[tuple[int, Problem]], n: int) -> list[dict[str, Any]]:
             self.pool.use(model_dir(policy))
             sampling = replace(self.cfg.sampling, samples_per_question=n)
-            return sample_chains(self.pool, prompt_rows(problems, self.tokenizer), sampling)
+            return sample_chains(self.pool, prompt_rows(problems, self.tokenizer), sampling,
+                                 derive_seed(self.cfg.seed, r, "correct", n))
 
         def body(out: Path) -> dict[str, Any]:
             return run_correction(self.cfg, graded.rows(), dict(enumerate(self.splits["pool"])), out, chains)
 
-        return self.store.run(r, "correct", settings, [graded, policy], body)
+        return self.store.run(r, "correct", correction_settings(self.cfg), [graded, policy], body)
 
     def build(self, r: int, worked: StageResult, graded: StageResult | None, extra: StageResult | None,
               policy: StageResult) -> StageResult:
@@ -293,7 +287,7 @@ class Pipeline:
         dev = self.splits["dev"][: cfg.eval.assessment_questions]
 
         def body(out: Path) -> dict[str, Any]:
-            samples, metrics = self._sample(list(enumerate(dev)), policy)
+            samples, metrics = self._sample(list(enumerate(dev)), policy, derive_seed(cfg.seed, r, "assessment"))
             graded = grade_samples(samples, dict(enumerate(dev)))
             write_rows(out, graded, "samples.parquet")
             return {"rows": write_rows(out, assessment_rows(graded, self.tokenizer.eos_token_id)), **metrics}
@@ -354,12 +348,12 @@ class Pipeline:
 
     # ---- helpers -----------------------------------------------------------------------------------------
 
-    def _sample(self, problems: list[tuple[int, Problem]],
-                policy: StageResult) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def _sample(self, problems: list[tuple[int, Problem]], policy: StageResult,
+                seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """`sampling.samples_per_question` chains per problem from `policy`, and the throughput."""
         self.pool.use(model_dir(policy))
         start = time.perf_counter()
-        samples = sample_chains(self.pool, prompt_rows(problems, self.tokenizer), self.cfg.sampling)
+        samples = sample_chains(self.pool, prompt_rows(problems, self.tokenizer), self.cfg.sampling, seed)
         tokens = sum(s["num_tokens"] for s in samples)
         return samples, {"generated_tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
 
@@ -390,22 +384,3 @@ class Pipeline:
 
     def is_correct(self, text: str, gold: str) -> bool:
         return grade(text, gold, "synthetic").correct
-
-    def round_summary(self, r: int, before: StageResult, after: StageResult, control_after: StageResult | None,
-                      branched: StageResult | None, built: StageResult, trained: StageResult,
-                      assessed: StageResult | None, corrected: StageResult | None = None) -> dict[str, Any]:
-        seconds = self.store.seconds
-        stage_seconds = {n: seconds[f"round_{r}/{n}"] for n in ROUND_STAGES if f"round_{r}/{n}" in seconds}
-        branch = branched.metrics if branched else {}
-        return {"round": r, "method": self.cfg.method, "accuracy_before": before.metrics["accuracy"],
-                "accuracy_after": after.metrics["accuracy"],
-                "control_accuracy_after": control_after.metrics["accuracy"] if control_after else None,
-                "n_pairs": built.metrics["rows"] if self.cfg.method in PAIR_METHODS else None,
-                "n_train_rows": built.metrics["rows"], "train_steps": trained.metrics["steps"],
-                "mc_exact_agreement": branch.get("mc_exact_agreement"),
-                "rollouts_per_pair": built.metrics.get("rollouts_per_pair"),
-                "assessment_before": assessed.metrics["assessment_before"] if assessed else None,
-                "assessment_after": assessed.metrics["assessment_after"] if assessed else None,
-                "corrections_kept": corrected.metrics["kept"] if corrected else None,
-                "correction_pass_rate": corrected.metrics["filter_pass_rate"] if corrected else None,
-                "stage_seconds": stage_seconds}

@@ -9,9 +9,38 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from raypipe.artifacts import StageResult
+
+ROUND_STAGES = ("sample", "grade", "branch", "correct", "build", "reference", "train", "evaluate", "assessment_data",
+                "assess", "control", "evaluate_control")
+"""Every stage a round can run, in order (a method runs a subset)."""
+PAIR_METHODS = ("dpo", "ipo", "stepdpo")
 SUMMARY_COLUMNS = ("round", "method", "accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs",
                    "mc_exact_agreement", "rollouts_per_pair", "assessment_before", "assessment_after",
                    "corrections_kept", "correction_pass_rate")
+
+
+def round_summary(r: int, method: str, seconds: dict[str, float],
+                  stages: dict[str, StageResult | None]) -> dict[str, Any]:
+    """One round's summary row from the stages it ran: `before` (the evaluation the round started from),
+    `evaluate`, `build`, `train`, and the optional `evaluate_control`, `branch`, `assess`, `correct` (None when
+    the method or the config skipped them). `seconds`: the artefact store's wall time per stage label."""
+    def metric(stage: str, key: str) -> Any:
+        found = stages.get(stage)
+        return found.metrics.get(key) if found is not None else None
+
+    return {"round": r, "method": method, "accuracy_before": metric("before", "accuracy"),
+            "accuracy_after": metric("evaluate", "accuracy"),
+            "control_accuracy_after": metric("evaluate_control", "accuracy"),
+            "n_pairs": metric("build", "rows") if method in PAIR_METHODS else None,
+            "n_train_rows": metric("build", "rows"), "train_steps": metric("train", "steps"),
+            "mc_exact_agreement": metric("branch", "mc_exact_agreement"),
+            "rollouts_per_pair": metric("build", "rollouts_per_pair"),
+            "assessment_before": metric("assess", "assessment_before"),
+            "assessment_after": metric("assess", "assessment_after"),
+            "corrections_kept": metric("correct", "kept"),
+            "correction_pass_rate": metric("correct", "filter_pass_rate"),
+            "stage_seconds": {n: seconds[f"round_{r}/{n}"] for n in ROUND_STAGES if f"round_{r}/{n}" in seconds}}
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:

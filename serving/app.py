@@ -10,10 +10,11 @@ and `max_queued_requests` waiting, the proxy answers 503.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
-from dataclasses import asdict
 import os
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,14 @@ class RequestGuard:
 
     @staticmethod
     def _authorised(request: Request, token: str) -> bool:
-        header = request.headers.get("authorization", "")
-        if header == f"Bearer {token}":
+        """Compared in constant time, so response timing does not leak how much of a guess was right."""
+        if _same(request.headers.get("authorization", ""), f"Bearer {token}"):
             return True
-        return request.url.path == "/" and request.query_params.get("token") == token
+        return request.url.path == "/" and _same(request.query_params.get("token", ""), token)
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 class RaypipeIngress(OpenAiIngress):
@@ -141,6 +146,13 @@ def fastapi_app(cfg: ServeConfig) -> FastAPI:
     return app
 
 
+def ingress_deployment(cfg: ServeConfig) -> tuple[type, FastAPI]:
+    """The ingress class Serve deploys, and the FastAPI app holding its routes and guard (Serve deploys a frozen
+    copy of it; tests call it directly)."""
+    app = fastapi_app(cfg)
+    return make_fastapi_ingress(RaypipeIngress, endpoint_map=ROUTES, app=app), app
+
+
 def on_gpu(device: str) -> bool:
     if device != "auto":
         return device == "gpu"
@@ -158,7 +170,8 @@ def llm_config(cfg: ServeConfig, model_dir: Path, gpu: bool) -> LLMConfig:
     max_model_len = cfg.max_model_len or json.loads((model_dir / "config.json").read_text())[
         "max_position_embeddings"]
     engine: dict[str, Any] = {"dtype": cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if gpu else "float32"),
-                              "max_model_len": max_model_len}
+                              "max_model_len": max_model_len, "load_format": "safetensors",
+                              "trust_remote_code": cfg.trust_remote_code}
     deployment: dict[str, Any] = {"num_replicas": cfg.num_replicas,
                                   "max_ongoing_requests": cfg.engine_max_ongoing_requests}
     if not gpu:
@@ -192,7 +205,7 @@ def build_app(args: dict[str, Any]) -> Application:
     run_kind, examples = run_examples(cfg.model, cfg.examples)
     answer_kind = cfg.answer_kind if cfg.answer_kind != "auto" else (run_kind or "math")
     llm = llm_config(cfg, model_dir, on_gpu(cfg.device))
-    ingress = make_fastapi_ingress(RaypipeIngress, endpoint_map=ROUTES, app=fastapi_app(cfg))
+    ingress, _ = ingress_deployment(cfg)
     token = os.environ.get(TOKEN_ENV)
     actor: dict[str, Any] = {"num_cpus": cfg.ingress_cpus}
     if token:  # the replicas may run on other machines: hand them the token the builder was started with

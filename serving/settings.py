@@ -7,11 +7,13 @@ command line; both are checked here, so a typo is a ConfigError naming the key, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from raypipe.config import ConfigError, load_config, load_structured
+from raypipe.engines.checks import require_safetensors
+from raypipe.engines.text import EngineError
 from raypipe.grading import KINDS
 
 TOKEN_ENV = "RAYPIPE_SERVE_TOKEN"
@@ -50,6 +52,9 @@ class ServeConfig:
     start where Ray sees few CPUs (`serve run` on a 2-core machine)."""
     dtype: str = "auto"
     """'auto' = float32 on CPU, bfloat16 on GPU."""
+    trust_remote_code: bool = False
+    """Let vLLM run Python code shipped inside the model folder (some architectures need it). Off: such a model is
+    refused. Turn it on only for a model whose code you trust."""
     kv_cache_gib: float = 0.5
     """vLLM KV-cache size on CPU."""
     examples: int = 5
@@ -59,6 +64,11 @@ class ServeConfig:
 def load_serve_config(args: dict[str, Any] | None = None, overrides: list[str] | None = None,
                       source: str = "serve args") -> ServeConfig:
     """Defaults, then `args` (a Serve config's `args:` or the CLI's flags), then dotted overrides."""
+    known = {f.name for f in fields(ServeConfig)}
+    for key in [*(args or {}), *(o.split("=", 1)[0] for o in overrides or [])]:
+        if key not in known and "token" in key.lower():
+            raise ConfigError(f"{source}: '{key}': the bearer token is read from the environment variable "
+                              f"{TOKEN_ENV} only, never from a config")
     cfg = load_structured(ServeConfig, values=(source, args or {}), overrides=overrides)
     kinds = ("auto", *KINDS)
     if cfg.answer_kind not in kinds:
@@ -91,6 +101,10 @@ def resolve_model(model: str) -> Path:
     found = path if is_model_dir(path) else latest_model(path)
     if not is_model_dir(found):
         raise ConfigError(f"model: {found} has no config.json (not a Hugging Face model folder)")
+    try:
+        require_safetensors(found)
+    except EngineError as err:
+        raise ConfigError(f"model: {err}") from None
     return found
 
 

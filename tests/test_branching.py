@@ -40,7 +40,7 @@ def setup(e2e_run: dict):
     tok = AutoTokenizer.from_pretrained(model)
     pool = EnginePool(cfg.engine).use(model)
     problems = generate_split(cfg.task, "test", 40)
-    siblings = grade_samples(sample_chains(pool, prompt_rows(list(enumerate(problems)), tok), cfg.sampling),
+    siblings = grade_samples(sample_chains(pool, prompt_rows(list(enumerate(problems)), tok), cfg.sampling, seed=0),
                              dict(enumerate(problems)))
     rng = random.Random(0)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731

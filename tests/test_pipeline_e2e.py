@@ -8,7 +8,8 @@ import shutil
 import pyarrow.parquet as pq
 from transformers import AutoModelForCausalLM
 
-from raypipe.pipeline import ROUND_STAGES, Pipeline
+from raypipe.pipeline import Pipeline
+from raypipe.report import ROUND_STAGES
 
 STEPDPO_STAGES = tuple(s for s in ROUND_STAGES if s != "correct")  # every round stage but LEMA's
 SUMMARY_KEYS = {"accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs", "mc_exact_agreement",

@@ -255,6 +255,7 @@ def test_realign_with_a_model_classifies_retrieves_rewrites_and_accounts_for_eve
                              "engine.backend=hf", "engine.max_model_len=4096"])
     classified = run_realign(cfg)
     assert (classified["rows"], classified["rejected_rows"]) == (3, 1)
+    assert classified["rejected_by_reason"] == {"invalid_json": 1}
     assert sum(classified["tasks"].values()) == 3
     assert classified["usage"]["requests"] == 3 + classified["rewrites_attempted"]  # classify, then rewrite (n=2)
     cfg.realign.task, cfg.name = "how_to_generation", "forced_task"  # every row a retrieval task

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def fake_model(folder: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").touch()  # resolve_model only checks the weights are safetensors
     return folder
 
 

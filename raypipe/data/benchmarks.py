@@ -3,64 +3,71 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe.grading import extract_answer
+from raypipe.data.rows import (DataError, DuplicateIds, Problem, as_object, json_type, no_usable_rows,
+                               read_jsonl, rejected_row, text_problem)
+from raypipe.grading import KINDS, extract_answer
 
-log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A user's data file cannot be used at all (missing, or no usable row); the message names the file."""
+__all__ = ["BenchmarkRows", "DataError", "load_benchmark"]  # DataError is imported from here across raypipe
 
 
 @dataclass
 class BenchmarkRows:
-    """The usable rows of a file, and the rejected ones with where and why."""
+    """Usable rows (`row`: 1-based line number, `question`, `gold`) and the rejected ones (shape:
+    `raypipe.data.rows.rejected_row`)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
-def load_benchmark(path: Path, kind: str, limit: int | None = None) -> BenchmarkRows:
-    """Rows with `question` and `gold` (the final answer extracted from `answer` by the `kind` grader)."""
+def load_benchmark(path: Path, kind: str, limit: int | None = None, id_field: str | None = "id") -> BenchmarkRows:
+    """Rows with `question` and `gold`, the final answer of `answer` under the `kind` grader.
+
+    `answer` is a worked solution the grader extracts the final answer from (GSM8K's `#### 42`, MATH's
+    `\\boxed{}`), or a JSON number, which is the final answer itself (some datasets store it so). A row whose
+    `id_field` value repeats an earlier row's is rejected (rows without the field are not checked; None turns the
+    check off). `limit`: stop after that many usable rows.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown answer kind {kind!r}; valid kinds are: {', '.join(KINDS)}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     out = BenchmarkRows()
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if limit is not None and len(out.rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            problem = _parse(line, kind)
-            if isinstance(problem, tuple):
-                where, why = problem
-                log.warning("%s:%d: field '%s': %s (row set aside)", path, number, where, why)
-                out.rejected.append({"file": str(path), "line": number, "field": where, "error": why,
-                                     "raw": line.rstrip("\n")})
-            else:
-                out.rows.append({"line": number, **problem})
+    ids = DuplicateIds(id_field)
+    for raw in read_jsonl(path):
+        if limit is not None and len(out.rows) >= limit:
+            break
+        parsed = raw.problem or _parse(raw.value, kind, ids, raw.row)
+        if isinstance(parsed, Problem):
+            out.rejected.append(rejected_row(path, raw.row, parsed, raw.raw))
+        else:
+            out.rows.append({"row": raw.row, **parsed})
     if not out.rows:
-        raise DataError(f"{path}: no usable rows ({len(out.rejected)} rejected)")
+        raise no_usable_rows(path, out.rejected, " (fields 'question' and 'answer' are read)")
     return out
 
 
-def _parse(line: str, kind: str) -> dict[str, str] | tuple[str, str]:
-    """A row, or (field, reason) when it is unusable."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        return "<row>", f"not valid JSON ({err.msg} at column {err.colno})"
-    if not isinstance(record, dict):
-        return "<row>", "expected a JSON object"
-    for name in ("question", "answer"):
-        if not isinstance(record.get(name), str) or not record[name].strip():
-            return name, "missing or not a non-empty string"
-    gold = extract_answer(record["answer"], kind)
+def _parse(record: Any, kind: str, ids: DuplicateIds, row: int) -> dict[str, str] | Problem:
+    """The row's question and gold answer, or why it is unusable."""
+    problem = as_object(record) or ids.check(record, row) or text_problem(record, "question")
+    if problem is not None:
+        return problem
+    answer = record.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        gold = json.dumps(answer)
+        if any(c not in "-.0123456789" for c in gold):
+            return Problem("answer", "wrong_type", f"the number {gold} is not written out in digits; give it as a "
+                                                   "string")
+        return {"question": record["question"], "gold": gold}
+    if answer is not None and not isinstance(answer, str):
+        return Problem("answer", "wrong_type", f"expected a string or a number, got {json_type(answer)}")
+    problem = text_problem(record, "answer")
+    if problem is not None:
+        return problem
+    gold = extract_answer(answer, kind)
     if gold is None:
-        return "answer", f"no final answer found for kind '{kind}'"
+        return Problem("answer", "no_final_answer", f"no final answer found for kind '{kind}'")
     return {"question": record["question"], "gold": gold}

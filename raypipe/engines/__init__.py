@@ -35,9 +35,12 @@ def make_text_generator(cfg: ModelCallConfig, engine: EngineConfig, run_dir: Pat
     if cfg.backend == "local":
         from transformers import AutoTokenizer
 
+        from raypipe.engines.checks import context_length
         from raypipe.engines.text import LocalTextGenerator
 
-        return LocalTextGenerator(make_generator(engine, cfg.model), AutoTokenizer.from_pretrained(cfg.model))
+        generator = make_generator(engine, cfg.model)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=engine.trust_remote_code)
+        return LocalTextGenerator(generator, tokenizer, context_length(cfg.model, engine.max_model_len))
     raise ValueError(f"backend={cfg.backend!r} is not one of ['local', 'openai']")
 
 

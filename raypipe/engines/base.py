@@ -6,6 +6,7 @@ ids the policy produced, since re-tokenising text can merge tokens across the bo
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ class SamplingSpec:
     stop: tuple[str, ...] = field(default_factory=tuple)
     """Stop strings (e.g. the step boundary "\\n"); the matched string is kept in the output."""
     seed: int | None = None
+    """Base seed of a call (None: unseeded). `generate_rows` gives prompt i of the call the seed
+    `derive_seed(seed, i)`, so a rerun with the same seed draws the same samples however the rows are batched."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,19 @@ class Completion:
     """'eos': the answer ended; 'stop': a stop string ended it (a step boundary); 'length': cut by max_tokens."""
 
 
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any parts (run seed, round, stage, row index ...): stable across processes, unlike
+    `hash`, and different for every combination, so no two prompts of a run share a random stream."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
 class Generator(ABC):
     """A loaded policy that samples continuations of token-id prompts."""
 
     @abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Completion]]:
-        """`spec.n` completions for each prompt, in prompt order."""
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec,
+                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+        """`spec.n` completions for each prompt, in prompt order; `seeds`: one per prompt (else `spec.seed`)."""
 
     @abstractmethod
     def load_weights(self, model_dir: str) -> None:

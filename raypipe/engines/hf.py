@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from raypipe.config import EngineConfig
 from raypipe.engines.base import Completion, FinishReason, Generator, SamplingSpec
+from raypipe.engines.checks import require_safetensors
 
 
 class HFGenerator(Generator):
@@ -23,8 +24,11 @@ class HFGenerator(Generator):
     def __init__(self, cfg: EngineConfig, model_dir: str) -> None:
         self.cfg = cfg
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
+        require_safetensors(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype),
+                                                          use_safetensors=True,
+                                                          trust_remote_code=cfg.trust_remote_code)
         self.model.to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
@@ -55,9 +59,13 @@ class HFGenerator(Generator):
             raise KeyError(f"{model_dir} lacks weights for {missing[:5]} ({len(missing)} in all)")
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Completion]]:
-        if spec.seed is not None:
-            torch.manual_seed(spec.seed)
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec,
+                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+        """One `generate` samples a whole batch from torch's global generator, so per-prompt seeds cannot hold:
+        the first prompt's seed seeds the call (reproducible for the same batches, which a rerun has)."""
+        seed = seeds[0] if seeds else spec.seed
+        if seed is not None:
+            torch.manual_seed(seed)
         copies = spec.n if spec.temperature == 0 else 1  # generate rejects greedy n > 1; copies are equal
         spec = replace(spec, n=spec.n // copies)
         per_call = max(1, self.cfg.hf_batch_size // spec.n)  # hf_batch_size counts sequences, not prompts

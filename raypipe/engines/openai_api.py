@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from raypipe.data_config import ModelCallConfig
 from raypipe.engines.base import SamplingSpec
+from raypipe.engines.checks import key_from_env
 from raypipe.engines.text import EngineError, Message, TextGenerator, Usage
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class OpenAIEngine(TextGenerator):
         self.cfg = cfg
         self.usage = Usage()
         self._lock = threading.Lock()
-        key = os.environ.get(cfg.api_key_env) or "none"  # local servers take any key; a missing one is not fatal
+        key = key_from_env(cfg.api_key_env, "api_key_env") or "none"  # local servers take any key
         self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s,
                                     max_retries=cfg.max_retries)
         self.cache = ResponseCache(cache_root) if cache_root is not None else None

@@ -16,12 +16,14 @@ import torch
 
 from raypipe.config import EngineConfig
 from raypipe.engines.base import Completion, FinishReason, Generator, SamplingSpec
+from raypipe.engines.checks import require_safetensors
 
 
 class VLLMGenerator(Generator):
     """One `vllm.LLM`; outputs normalised to the interface (EOS stripped, 'eos' / 'stop' / 'length')."""
 
     def __init__(self, cfg: EngineConfig, model_dir: str) -> None:
+        require_safetensors(model_dir)
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -30,18 +32,22 @@ class VLLMGenerator(Generator):
         memory: dict[str, Any] = ({"gpu_memory_utilization": cfg.gpu_memory_utilization} if self.on_gpu
                                   else {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)})
         self.llm = LLM(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                       enforce_eager=cfg.enforce_eager, **memory)
+                       enforce_eager=cfg.enforce_eager, load_format="safetensors",
+                       trust_remote_code=cfg.trust_remote_code, **memory)
         self.tokenizer = self.llm.get_tokenizer()
         self.tied_head = bool(getattr(self.llm.model_config.hf_text_config, "tie_word_embeddings", False))
 
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec,
+                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         copies = spec.n if spec.temperature == 0 else 1  # vLLM rejects greedy n > 1; copies are equal
-        params = SamplingParams(n=spec.n // copies, temperature=spec.temperature, top_p=spec.top_p,
-                                max_tokens=spec.max_tokens, stop=list(spec.stop),
-                                include_stop_str_in_output=True, seed=spec.seed)
+        # one SamplingParams per prompt: vLLM seeds each request's own generator, so a prompt's samples do not
+        # depend on the batch it came in
+        params = [SamplingParams(n=spec.n // copies, temperature=spec.temperature, top_p=spec.top_p,
+                                 max_tokens=spec.max_tokens, stop=list(spec.stop), include_stop_str_in_output=True,
+                                 seed=seed) for seed in (seeds if seeds is not None else [spec.seed] * len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                     use_tqdm=False)
         return [[self._completion(o) for o in request.outputs] * copies for request in outputs]

@@ -113,9 +113,15 @@ def _extract_math(text: str) -> str | None:
     return _strip_delimiters(tail) or None
 
 
+def _canonical_int(digits: str) -> str:
+    """str(int(digits)) without int(): Python refuses to convert more than 4,300 digits, and a model can write more."""
+    body = digits.lstrip("-").lstrip("0") or "0"
+    return body if body == "0" or not digits.startswith("-") else f"-{body}"
+
+
 def _extract_synthetic(text: str) -> str | None:
     matches = _SYNTHETIC_RE.findall(text)
-    return str(int(matches[-1])) if matches else None
+    return _canonical_int(matches[-1]) if matches else None
 
 
 def extract_answer(text: str, kind: str) -> str | None:
@@ -147,7 +153,7 @@ def _compare_synthetic(pred: str, gold: str) -> bool | None:
     gold_match = re.fullmatch(r"\s*(-?\d+)\.?\s*", gold)
     if pred_match is None or gold_match is None:
         return None
-    return int(pred_match.group(1)) == int(gold_match.group(1))
+    return _canonical_int(pred_match.group(1)) == _canonical_int(gold_match.group(1))
 
 
 def _normalize_latex(answer: str) -> str:

@@ -98,6 +98,14 @@ def correction_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "not_kept_by_reason": {k: v for k, v in statuses.items() if k != "kept"}}
 
 
+def correction_settings(cfg: RunConfig) -> tuple[Any, ...]:
+    """Everything the `correct` stage's output depends on besides its input stages (its fingerprint)."""
+    lema = cfg.lema
+    return (lema.corrector, lema.corrector_model, lema.corrector_chat, lema.corrector_max_tokens,
+            lema.mistake_models, lema.max_mistakes_per_question, lema.evolve_questions, cfg.sampling, cfg.task,
+            cfg.engine, cfg.seed)
+
+
 def run_correction(cfg: RunConfig, graded: Sequence[dict[str, Any]], problems: dict[int, Problem], out: Path,
                    sample: Callable[[list[tuple[int, Problem]], int], list[dict[str, Any]]]) -> dict[str, Any]:
     """The round's `correct` stage: mistakes of the policy (and `lema.mistake_models`), corrected and filtered,

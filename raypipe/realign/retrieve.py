@@ -3,14 +3,13 @@ web search through Serper.dev when its key is in the environment."""
 
 from __future__ import annotations
 
-import json
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import requests
 
-from raypipe.data.benchmarks import DataError
+from raypipe.data.rows import DataError, as_object, read_jsonl, text_problem
 
 log = logging.getLogger(__name__)
 SERPER_URL = "https://google.serper.dev/search"
@@ -85,21 +84,17 @@ def serper_snippets(result: dict) -> list[str]:
 
 
 def load_corpus(path: Path) -> list[str]:
-    """Passages of a JSONL corpus; a line that is not a JSON object with a non-empty `text` is a DataError."""
+    """Passages of a JSONL corpus; a line that is not a JSON object with a non-empty `text` is a DataError (a corpus
+    with a broken passage is not indexed half)."""
     if not path.is_file():
         raise DataError(f"{path}: retrieval corpus not found")
     passages = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
-            raise DataError(f"{path}:{number}: field 'text': missing or not a non-empty string")
-        title = record.get("title")
-        passages.append(f"{title}: {record['text'].strip()}" if isinstance(title, str) and title else record["text"])
+    for raw in read_jsonl(path):
+        problem = raw.problem or as_object(raw.value) or text_problem(raw.value, "text")
+        if problem is not None:
+            raise DataError(f"{path}:{raw.row}: field '{problem.field}': {problem.error}")
+        title, text = raw.value.get("title"), raw.value["text"]
+        passages.append(f"{title}: {text.strip()}" if isinstance(title, str) and title else text)
     if not passages:
         raise DataError(f"{path}: the retrieval corpus has no passages")
     return passages

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,9 @@ from rich.table import Table
 from raypipe.artifacts import ArtifactStore, write_rows
 from raypipe.config import RunConfig, save_config, to_dict
 from raypipe.data.pairs import load_pairs
+from raypipe.data.rows import counts_by_reason
 from raypipe.engines import SamplingSpec, TextGenerator, make_text_generator
+from raypipe.engines.checks import key_from_env
 from raypipe.realign.classify import classify
 from raypipe.realign.filters import fallback_reason, skip_before_rewrite
 from raypipe.realign.retrieve import BM25Retriever, Retriever, SerperRetriever
@@ -42,7 +43,7 @@ def run_realign(cfg: RunConfig) -> dict[str, Any]:
     save_config(cfg, run_dir / "config.yaml")
     source = Path(cfg.realign.input).resolve()
     inputs = {"input": file_version(source), "corpus": file_version(Path(cfg.realign.corpus).resolve())
-              if cfg.realign.corpus else None, "web_search": bool(os.environ.get(cfg.realign.web_search_key_env))}
+              if cfg.realign.corpus else None, "web_search": bool(web_search_key(cfg))}
     store = ArtifactStore(run_dir)
     stage = store.run(0, "realign", (to_dict(cfg.realign), inputs, cfg.engine), [],
                       lambda out: realign_dataset(cfg, source, out))
@@ -86,16 +87,21 @@ def realign_dataset(cfg: RunConfig, source: Path, out: Path) -> dict[str, Any]:
     reasons = Counter(r["reason"] for r in results if r["tag"] == "original")
     asked = sum(r["asked"] for r in results)
     rewritten = sum(r["tag"] == "rewrite" for r in results)
-    return {"rows": len(rows), "rejected_rows": len(loaded.rejected), "rewritten": rewritten,
+    return {"rows": len(rows), "rejected_rows": len(loaded.rejected),
+            "rejected_by_reason": counts_by_reason(loaded.rejected), "rewritten": rewritten,
             "kept_original": len(rows) - rewritten, "rewrites_attempted": asked,
             "pass_rate": rewritten / asked if asked else None, "original_by_reason": dict(reasons),
             "tasks": dict(Counter(tasks).most_common()), "with_evidence": sum(bool(r["evidence"]) for r in results),
             "usage": usage}
 
 
+def web_search_key(cfg: RunConfig) -> str | None:
+    return key_from_env(cfg.realign.web_search_key_env, "realign.web_search_key_env")
+
+
 def retriever(cfg: RunConfig) -> Retriever | None:
     """Web search when its key is in the environment, else BM25 over the configured corpus, else none."""
-    key = os.environ.get(cfg.realign.web_search_key_env)
+    key = web_search_key(cfg)
     if key:
         return SerperRetriever(key)
     if cfg.realign.corpus:
@@ -166,7 +172,9 @@ def decide(result: dict[str, Any], original: str, options: list[tuple[str | None
 
 def print_stats(metrics: dict[str, Any], stage_dir: Path, console: Console | None = None) -> None:
     console = console or Console(width=120)
-    console.print(f"ReAlign: {metrics['rows']} rows, {metrics['rejected_rows']} rejected input rows set aside")
+    reasons = ", ".join(f"{k} {v}" for k, v in metrics.get("rejected_by_reason", {}).items())  # older manifests
+    console.print(f"ReAlign: {metrics['rows']} rows, {metrics['rejected_rows']} rejected input rows set aside"
+                  + (f" ({reasons})" if reasons else ""))
     table = Table()
     table.add_column("outcome")
     table.add_column("rows", justify="right")

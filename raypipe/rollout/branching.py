@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from raypipe.config import BranchConfig
-from raypipe.engines.base import SamplingSpec
+from raypipe.engines.base import SamplingSpec, derive_seed
 from raypipe.rollout.generation import EnginePool, generate_rows
 
 Grader = Callable[[str, str], bool]
@@ -71,9 +71,12 @@ class Brancher:
     """Runs a localiser over many chains at once: each search level is one batched generation pass."""
 
     def __init__(self, cfg: BranchConfig, pool: EnginePool, grader: Grader, decode: Callable[[list[int]], str],
-                 temperature: float, top_p: float, max_tokens: int) -> None:
+                 temperature: float, top_p: float, max_tokens: int, seed: int | None = None) -> None:
         self.cfg, self.pool, self.grader, self.decode = cfg, pool, grader, decode
         self.spec = SamplingSpec(n=cfg.rollouts, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        self.seed = seed
+        """Base seed: each generation pass (search level) draws from `derive_seed(seed, pass number)`."""
+        self.passes = 0
 
     def localise(self, chains: Sequence[WrongChain]) -> list[Localisation]:
         if self.cfg.localiser == "exact":
@@ -82,8 +85,10 @@ class Brancher:
 
     def _rollouts(self, probes: Sequence[tuple[WrongChain, int]], n: int) -> list[list[tuple[list[int], bool]]]:
         """n continuations of each probed prefix, each with whether it reaches the gold answer."""
+        self.passes += 1
         spec = SamplingSpec(n=n, temperature=self.spec.temperature, top_p=self.spec.top_p,
-                            max_tokens=self.spec.max_tokens)
+                            max_tokens=self.spec.max_tokens,
+                            seed=None if self.seed is None else derive_seed(self.seed, self.passes))
         rows = generate_rows(self.pool, [{"prompt_ids": c.prefix_ids(i), "probe": j}
                                          for j, (c, i) in enumerate(probes)], spec)
         results: list[list[tuple[list[int], bool]]] = [[] for _ in probes]

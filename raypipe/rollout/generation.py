@@ -4,6 +4,10 @@
 short passes (sample, several branching levels, evaluations). So the engines live in `EngineActor`s owned by an
 `EnginePool` for the whole run, and each pass is a Ray Data `map_batches` whose lightweight workers forward
 batches to them. Between rounds the actors swap weights in place (`load_weights`) instead of restarting.
+
+An engine actor that dies (out of memory, a lost node, a killed process) is restarted by Ray up to
+`engine.max_restarts` times and its in-flight batches are retried on it: every call names the model it wants,
+so a restarted actor (which Ray builds from its first model) loads the current policy before it samples.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import pandas as pd
 import ray
 
 from raypipe.config import EngineConfig
-from raypipe.engines.base import SamplingSpec
+from raypipe.engines.base import SamplingSpec, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +36,17 @@ class EngineActor:
         from raypipe.engines import make_generator
 
         self.generator = make_generator(cfg, model_dir)
+        self.model_dir = model_dir
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[dict[str, Any]]]:
-        return [[asdict(c) for c in group] for group in self.generator.generate(prompts, spec)]
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec, seeds: list[int] | None,
+                 model_dir: str) -> list[list[dict[str, Any]]]:
+        self.load_weights(model_dir)
+        return [[asdict(c) for c in group] for group in self.generator.generate(prompts, spec, seeds)]
 
     def load_weights(self, model_dir: str) -> None:
-        self.generator.load_weights(model_dir)
+        if model_dir != self.model_dir:
+            self.generator.load_weights(model_dir)
+            self.model_dir = model_dir
 
 
 class EnginePool:
@@ -53,7 +62,8 @@ class EnginePool:
         model_dir = str(model_dir)
         if not self.handles:
             start = time.perf_counter()
-            options = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus}
+            options = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus,
+                       "max_restarts": self.cfg.max_restarts, "max_task_retries": self.cfg.max_restarts}
             self.handles = [EngineActor.options(**options).remote(self.cfg, model_dir)
                             for _ in range(self.cfg.num_engines)]
             ray.get([h.__ray_ready__.remote() for h in self.handles])
@@ -73,15 +83,16 @@ class EnginePool:
 class _ForwardToEngine:
     """Ray Data UDF: sends each batch of prompts to one of the pool's engines, one output row per completion."""
 
-    def __init__(self, handles: list[ray.actor.ActorHandle], spec: SamplingSpec) -> None:
+    def __init__(self, handles: list[ray.actor.ActorHandle], spec: SamplingSpec, model_dir: str) -> None:
         self.engines = itertools.cycle(handles)
-        self.spec = spec
+        self.spec, self.model_dir = spec, model_dir
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         prompts = [list(map(int, ids)) for ids in batch["prompt_ids"]]
-        groups = ray.get(next(self.engines).generate.remote(prompts, self.spec))
+        seeds = [int(s) for s in batch["_seed"]] if "_seed" in batch else None
+        groups = ray.get(next(self.engines).generate.remote(prompts, self.spec, seeds, self.model_dir))
         rows = []
-        for record, group in zip(batch.to_dict("records"), groups):
+        for record, group in zip(batch.drop(columns="_seed", errors="ignore").to_dict("records"), groups):
             for sample_idx, completion in enumerate(group):
                 rows.append({**record, "sample_idx": sample_idx, "completion_ids": completion["token_ids"],
                              "completion": completion["text"], "finish_reason": completion["finish_reason"],
@@ -93,14 +104,16 @@ def generate_rows(pool: EnginePool, rows: Sequence[dict[str, Any]], spec: Sampli
     """Sample `spec.n` completions for every row's `prompt_ids`; other columns are carried through.
 
     Returns one row per completion (`sample_idx`, `completion_ids`, `completion`, `finish_reason`,
-    `num_tokens`), in input order.
+    `num_tokens`), in input order. With `spec.seed` set, row i samples with `derive_seed(spec.seed, i)`.
     """
     if not rows:
         return []
-    indexed = [{**row, "_row": i} for i, row in enumerate(rows)]
+    seeded = spec.seed is not None
+    indexed = [{**row, "_row": i, **({"_seed": derive_seed(spec.seed, i)} if seeded else {})}
+               for i, row in enumerate(rows)]
     dataset = ray.data.from_items(indexed).map_batches(
         _ForwardToEngine,
-        fn_constructor_args=(pool.handles, spec),
+        fn_constructor_args=(pool.handles, spec, pool.model_dir),
         batch_size=pool.cfg.batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=len(pool.handles)),

@@ -23,9 +23,11 @@ def prompt_rows(problems: Sequence[tuple[int, Problem]], tokenizer: PreTrainedTo
              "prompt_ids": tokenizer(p.prompt, add_special_tokens=False).input_ids} for qid, p in problems]
 
 
-def sample_chains(pool: EnginePool, rows: Sequence[dict[str, Any]], cfg: SamplingConfig) -> list[dict[str, Any]]:
+def sample_chains(pool: EnginePool, rows: Sequence[dict[str, Any]], cfg: SamplingConfig,
+                  seed: int | None) -> list[dict[str, Any]]:
+    """`cfg.samples_per_question` chains per row; the same seed draws the same chains (a resumed stage)."""
     spec = SamplingSpec(n=cfg.samples_per_question, temperature=cfg.temperature, top_p=cfg.top_p,
-                        max_tokens=cfg.max_new_tokens)
+                        max_tokens=cfg.max_new_tokens, seed=seed)
     return generate_rows(pool, rows, spec)
 
 

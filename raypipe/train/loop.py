@@ -108,7 +108,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if zero3:  # the partitioned load (zero.Init) reads the world size from deepspeed.comm: join Ray Train's group
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     hf_zero3 = _hf_zero3_config(ds_config) if zero3 else None  # keep a reference: transformers holds a weakref
-    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32)
+    # safetensors only, and never a model folder's own code (engine.trust_remote_code covers generation only)
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False)
     if job.lora is not None and job.lora.rank:
         model = _with_lora(model, job.lora)
     schedule = partial(lr_factor, warmup=job.optim.warmup_steps, total=total, min_ratio=job.optim.min_lr_ratio)
@@ -116,7 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
-    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir, trust_remote_code=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if rank == 0:
         log.warning("%s: %d rows/rank x %d ranks, micro-batch %d, %d steps, ZeRO-%d; reading the shard took "

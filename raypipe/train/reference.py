@@ -27,8 +27,10 @@ class _SequenceScorer:
         if not use_gpu:
             torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # safetensors only, and never a model folder's own code (engine.trust_remote_code covers generation only)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                                          trust_remote_code=False).to(self.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.max_length, self.sides, self.prefix, self.average = max_length, sides, prefix, average
 

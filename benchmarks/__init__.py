@@ -1,0 +1,1 @@
+"""Benchmarks of raypipe against its peers; `python -m benchmarks` runs them (see benchmarks/RESULTS.md)."""

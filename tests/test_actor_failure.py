@@ -1,0 +1,67 @@
+"""A generator actor killed in the middle of a sampling pass: Ray restarts it, the pass completes, and no row is
+lost or doubled (seeded sampling makes the rows equal to an undisturbed pass's), and the restarted actor serves
+the pool's current policy, not the model it was first built with."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from raypipe.config import EngineConfig, TaskConfig
+from raypipe.data.synthetic import generate_split
+from raypipe.engines import SamplingSpec
+from raypipe.ray_env import init_ray
+from raypipe.rollout.generation import EnginePool, generate_rows
+from raypipe.rollout.sampling import prompt_rows
+
+
+def _pid(handle: ray.actor.ActorHandle) -> int:
+    return ray.get(handle.__ray_call__.remote(lambda actor: os.getpid()))
+
+
+def _next_policy(model_dir: Path, out: Path) -> Path:
+    """The same model with other weights (a round's update, for the purpose of this test)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+def test_a_killed_engine_actor_is_restarted_and_the_pass_completes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
+    init_ray(2)
+    policy = _next_policy(tiny_model_dir, tmp_path / "round_1")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = prompt_rows(list(enumerate(generate_split(TaskConfig(), "test", 48))), tok)
+    spec = SamplingSpec(n=2, temperature=1.0, max_tokens=32, seed=7)
+    pool = EnginePool(EngineConfig(batch_size=4, max_restarts=2))  # 12 batches: the kill lands between them
+    try:
+        pool.use(str(tiny_model_dir)).use(str(policy))
+        expected = generate_rows(pool, rows, spec)
+        first_pid = _pid(pool.handles[0])
+        result: list[list[dict[str, Any]]] = []
+        sampling = threading.Thread(target=lambda: result.append(generate_rows(pool, rows, spec)))
+        sampling.start()
+        time.sleep(2.0)
+        assert sampling.is_alive(), "the pass ended before the kill: make it longer"
+        ray.kill(pool.handles[0], no_restart=False)
+        sampling.join(timeout=600)
+        assert not sampling.is_alive() and result, "the pass did not complete after the restart"
+        assert _pid(pool.handles[0]) != first_pid, "the actor was restarted"
+        assert len(result[0]) == len(rows) * spec.n
+        assert [(r["qid"], r["sample_idx"]) for r in result[0]] == [(r["qid"], r["sample_idx"]) for r in expected]
+        assert [r["completion_ids"] for r in result[0]] == [r["completion_ids"] for r in expected]
+    finally:
+        pool.shutdown()

@@ -1,0 +1,129 @@
+"""The benchmark harness and the DPO benchmark's pieces at tiny sizes (TRL only where benchmarks/.deps has it)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import __main__ as harness
+from benchmarks import dpo_vs_trl as bench
+from raypipe.config import TaskConfig
+from raypipe.data.synthetic import load_splits
+from raypipe.train.collate import pad_sequences
+
+TINY = bench.Settings(batch_size=4, steps=6, warmup=2, threads=1)
+"""One thread: on a busy machine two threads of small ops wait on each other far longer than they compute."""
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """The contenders set torch's thread count, which is process-wide: give the rest of the session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_model_dir: Path, task_cfg: TaskConfig) -> list[bench.Pair]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return bench.step_pairs(load_splits(task_cfg)["pool"], lambda s: tok(s, add_special_tokens=False)["input_ids"], 24)
+
+
+def test_harness_rejects_unknown_names_and_arguments_to_all() -> None:
+    with pytest.raises(SystemExit):
+        harness.main(["no_such_benchmark"])
+    with pytest.raises(SystemExit):
+        harness.main(["all", "--steps", "3"])
+    with pytest.raises(SystemExit, match="no module benchmarks/no_such_benchmark.py"):
+        harness.load("no_such_benchmark")
+    assert harness.load("dpo_vs_trl") is bench
+
+
+def test_harness_passes_arguments_through(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):  # the benchmark's own parser: --steps must be a multiple of --warmup
+        harness.main(["dpo_vs_trl", "--steps", "10", "--warmup", "4", "--contenders", "plain-live"])
+    assert "--steps must be a multiple of --warmup" in capsys.readouterr().err
+
+
+def test_step_pairs_differ_only_in_the_compared_step(pairs: list[bench.Pair], tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for pair in pairs:
+        chosen, rejected = tok.decode(pair.chosen_ids), tok.decode(pair.rejected_ids)
+        assert chosen != rejected and chosen.endswith("\n") and rejected.endswith("\n")
+        assert chosen.split(" = ")[0] == rejected.split(" = ")[0]  # same step, wrong result
+        assert tok.eos_token_id not in pair.chosen_ids + pair.rejected_ids
+        row = pair.row()
+        assert sum(row["chosen_mask"]) == len(pair.chosen_ids) and row["chosen_ids"][:len(pair.prompt_ids)] == \
+            pair.prompt_ids
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_plain_loop_reports_consistent_figures(pairs: list[bench.Pair], tiny_model_dir: Path, live: bool) -> None:
+    r = bench.plain_run(tiny_model_dir, pairs, TINY, live=live)
+    per_pair = [len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    assert min(per_pair) <= r["tokens_per_s"] / r["pairs_per_s"] <= max(per_pair)
+    assert r["padded_tokens_per_s"] >= r["tokens_per_s"]
+    assert abs(r["final_loss"] - math.log(2)) < 0.05  # random init, lr 1e-5: DPO barely moves from log 2
+    assert r["peak_rss_mib"] > 100
+
+
+def test_reference_logps_match_the_policy_before_training(pairs: list[bench.Pair], tiny_model_dir: Path) -> None:
+    """The benchmark's live reference scores what raypipe's objective scores: the same model gives 0 log-ratio."""
+    from transformers import AutoModelForCausalLM
+
+    from raypipe.train.objectives import PreferenceObjective
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    batch = pairs[:4]
+    refs = bench._reference_logps(model, batch)
+    rows = [PreferenceObjective().read({**p.row(), "ref_chosen_logps": c, "ref_rejected_logps": r}, 160)
+            for p, (c, r) in zip(batch, refs)]
+    with torch.no_grad():
+        loss, stats = PreferenceObjective().step(model, rows, pad_id=0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+    assert stats["chosen"].abs().max().item() < 1e-5
+
+
+needs_trl = pytest.mark.skipif(not (bench.TRL_DIR / "trl").is_dir(), reason="TRL is not in benchmarks/.deps "
+                               "(`make bench` installs it)")
+
+
+@needs_trl
+def test_trl_collates_the_tensors_raypipe_trains_on(pairs: list[bench.Pair]) -> None:
+    bench.import_trl()
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    batch = DataCollatorForPreference(pad_token_id=0)(
+        [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs])
+    rows = [p.row() for p in pairs]
+    ids, attn, mask = pad_sequences([r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows],
+                                    [r["chosen_mask"] for r in rows] + [r["rejected_mask"] for r in rows], 0)
+    assert torch.equal(batch["input_ids"], ids) and torch.equal(batch["attention_mask"], attn)
+    assert torch.equal(batch["completion_mask"], mask)
+
+
+@needs_trl
+def test_trl_contender_runs(pairs: list[bench.Pair], tiny_model_dir: Path, tmp_path: Path) -> None:
+    r = bench.trl_run(tiny_model_dir, pairs, TINY, precompute=True, out=str(tmp_path))
+    per_pair = [len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    assert min(per_pair) <= r["tokens_per_s"] / r["pairs_per_s"] <= max(per_pair)
+    assert abs(r["final_loss"] - math.log(2)) < 0.05
+
+
+@pytest.mark.slow  # about 90 s: Ray, the reference stage and Ray Train's start-up dominate
+def test_raypipe_contender_reports_from_the_ray_worker(pairs: list[bench.Pair], tiny_model_dir: Path,
+                                                       tmp_path: Path) -> None:
+    r = bench.run_contender("raypipe", tiny_model_dir, pairs, TINY, niceness=0, root=tmp_path)
+    per_pair = [len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    assert min(per_pair) <= r["tokens_per_s"] / r["pairs_per_s"] <= max(per_pair)
+    assert r["padded_tokens_per_s"] >= r["tokens_per_s"] and r["tokens_per_cpu_s"] > 0
+    assert abs(r["final_loss"] - math.log(2)) < 0.05  # the reference stage's log-probs match the policy at step 0
+    assert r["peak_rss_mib"] > 100 and r["reference_s"] > 0 and r["setup_s"] > 0

@@ -1,0 +1,149 @@
+"""Kill the driver (SIGKILL) while each stage of a round is in progress, rerun the same command, and compare the
+final artefacts with the uninterrupted e2e run's round (same checkpoint, same seed).
+
+Every rerun is the user's own command in a fresh process; the test only watches the run folder from outside: a
+stage folder without its manifest is a stage in progress, and that is when the driver is killed. Sampling is
+seeded per prompt, so the resumed run draws the same chains, rollouts and pairs; training is not bit-reproducible
+on CPU, so from the trained model on only counts and keys are compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from raypipe.artifacts import MANIFEST
+from tests.conftest import E2E_OVERRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+EXACT_STAGES = ("sample", "grade", "branch", "build", "reference")
+"""Stages whose rows depend only on the checkpoint and the seed: equal to the uninterrupted run's, row by row."""
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+"""Per-node helpers that run no user code and exit about a minute after their raylet (measured: 65 s)."""
+KEYS = {"sample": ("qid", "sample_idx"), "grade": ("qid", "sample_idx"), "branch": ("qid", "sample_idx"),
+        "evaluate": ("qid",)}
+
+
+def _rows(stage_dir: Path) -> list[dict[str, Any]]:
+    folder = stage_dir / "data"
+    return pq.read_table(folder if folder.is_dir() else stage_dir / "data.parquet").to_pylist()
+
+
+def _manifest(stage_dir: Path) -> dict[str, Any]:
+    return json.loads((stage_dir / MANIFEST).read_text())
+
+
+def _in_progress(stage_dir: Path) -> bool:
+    return stage_dir.is_dir() and not (stage_dir / MANIFEST).exists()
+
+
+def _run_until_killed(command: list[str], stage_dir: Path, log: Path) -> None:
+    """Start the run, SIGKILL the driver as soon as `stage_dir` is in progress, and check that the local Ray it
+    started (GCS, raylet, engine actors, training workers) went down with it: Ray ties them to the driver, and a
+    survivor could still write into the stage the rerun redoes."""
+    with log.open("a") as out:
+        driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    try:
+        while not _in_progress(stage_dir):
+            assert driver.poll() is None, f"the run ended before {stage_dir.name} started (see {log})"
+            assert not (stage_dir / MANIFEST).exists(), f"{stage_dir.name} finished before it could be killed"
+            time.sleep(0.01)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+        assert not (stage_dir / MANIFEST).exists(), f"{stage_dir.name} finished before the kill landed"
+        deadline = time.monotonic() + 60
+        while (left := _session(driver.pid, skip=RAY_AGENTS)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"processes outlived the killed driver: {left}"
+    finally:
+        for pid in _session(driver.pid):  # leave the machine clean for the next run
+            os.kill(pid, signal.SIGKILL)
+
+
+def _session(sid: int, skip: tuple[str, ...] = ()) -> list[int]:
+    """Live processes of session `sid` (the driver started one; everything it spawned stays in it), except those
+    whose command line starts with one of `skip`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (proc / "cmdline").read_text()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z" and not command.startswith(skip):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def resumed(e2e_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The e2e round rerun from the e2e SFT checkpoint, killed once inside each of its stages, then finished."""
+    baseline = e2e_run["cfg"].run_dir
+    out = tmp_path_factory.mktemp("resume")
+    command = [sys.executable, "-m", "raypipe", "run", str(ROOT / "conf" / "quickstart.yaml"), *E2E_OVERRIDES,
+               f"model.path={baseline / 'round_0' / 'sft' / 'model'}", "sft.max_steps=0", f"output_dir={out}",
+               "name=resumed", "wandb.mode=disabled", "control.enabled=false", "eval.assessment_questions=0"]
+    run_dir, log = out / "resumed", out / "driver.log"
+    killed = []
+    for stage in (*EXACT_STAGES, "train", "evaluate"):
+        _run_until_killed(command, run_dir / "round_1" / stage, log)
+        killed.append(stage)
+    with log.open("a") as output:
+        finished = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT, timeout=900)
+    assert finished.returncode == 0, f"the final rerun failed (see {log})"
+    return {"run_dir": run_dir, "baseline": baseline, "killed": killed,
+            "summary": json.loads((run_dir / "summary.json").read_text())}
+
+
+def test_every_stage_was_killed_in_progress_and_the_rerun_finished(resumed: dict[str, Any]) -> None:
+    assert resumed["killed"] == [*EXACT_STAGES, "train", "evaluate"]
+    summary = resumed["summary"]
+    assert summary["stages_executed"] == ["round_1/evaluate"], "the last rerun redid only the killed stage"
+    assert {"round_1/sample", "round_1/train"} <= set(summary["stages_skipped"])
+
+
+@pytest.mark.parametrize("stage", EXACT_STAGES)
+def test_seeded_stages_equal_the_uninterrupted_run(resumed: dict[str, Any], stage: str) -> None:
+    mine, theirs = _rows(resumed["run_dir"] / "round_1" / stage), _rows(resumed["baseline"] / "round_1" / stage)
+    drop = {"model_version"}  # the run folder's own path, the only field that names where the run lives
+    assert [{k: v for k, v in r.items() if k not in drop} for r in mine] == [
+        {k: v for k, v in r.items() if k not in drop} for r in theirs]
+
+
+@pytest.mark.parametrize("stage", ("train", "evaluate"))
+def test_trained_stages_match_in_counts_and_keys(resumed: dict[str, Any], stage: str) -> None:
+    mine, theirs = (_manifest(d / "round_1" / stage)["metrics"] for d in (resumed["run_dir"], resumed["baseline"]))
+    if stage == "train":
+        assert mine["steps"] == theirs["steps"] > 0
+        assert (Path(mine["model_dir"]) / "model.safetensors").is_file()
+    else:
+        rows = _rows(resumed["run_dir"] / "round_1" / stage)
+        assert mine["n"] == theirs["n"] == len(rows)
+        assert sorted(r["qid"] for r in rows) == sorted(r["qid"] for r in _rows(resumed["baseline"] / "round_1" / stage))
+
+
+def test_no_duplicates_and_consistent_manifests(resumed: dict[str, Any]) -> None:
+    """Every manifest's row count is its file's; every recorded input is the fingerprint now on disk."""
+    run_dir = resumed["run_dir"]
+    for manifest_path in sorted(run_dir.glob("round_*/*/" + MANIFEST)):
+        stage_dir, manifest = manifest_path.parent, _manifest(manifest_path.parent)
+        if "rows" in manifest["metrics"]:
+            rows = _rows(stage_dir)
+            assert len(rows) == manifest["metrics"]["rows"], stage_dir
+            if stage_dir.name in KEYS:
+                keys = Counter(tuple(r[k] for k in KEYS[stage_dir.name]) for r in rows)
+                assert max(keys.values()) == 1, f"{stage_dir}: duplicate rows"
+        for relative, fingerprint in manifest["inputs"].items():
+            assert _manifest(run_dir / relative)["fingerprint"] == fingerprint, (stage_dir, relative)
+    leftovers = [p for p in run_dir.glob("round_*/*") if not (p / MANIFEST).exists()]
+    assert not leftovers, f"half-written stages left behind: {leftovers}"
