@@ -41,7 +41,7 @@ def _next_policy(model_dir: Path, out: Path) -> Path:
 
 def test_a_killed_engine_actor_is_restarted_and_the_pass_completes(tiny_model_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("vllm")
-    init_ray(2)
+    init_ray(8)  # the session's Ray: later tests (the e2e run) need its 8 logical CPUs
     policy = _next_policy(tiny_model_dir, tmp_path / "round_1")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = prompt_rows(list(enumerate(generate_split(TaskConfig(), "test", 48))), tok)
