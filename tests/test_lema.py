@@ -136,8 +136,8 @@ def test_a_model_corrector_is_parsed_filtered_and_accounted_for(tmp_path: Path) 
 
     model = save_tiny_model(ModelConfig(max_position_embeddings=4096), [PROBLEM.prompt + PROBLEM.solution],
                             tmp_path / "model")
-    corrector = make_text_generator(ModelCallConfig(backend="local", model=str(model)), EngineConfig(backend="hf"),
-                                    tmp_path)
+    corrector = make_text_generator(ModelCallConfig(backend="local", model=str(model)),
+                                    EngineConfig(backend="hf", max_model_len=1024), tmp_path)
     mistakes = [{"qid": 0, "question": PROBLEM.question, "gold": "51", "source": "policy",
                  "completion": "Step 1: 23 + 45 = 68\nStep 2: 68 - 17 = 41\nThe answer is 41."}] * 2
     for chat in (False, True):
