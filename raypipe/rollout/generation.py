@@ -2,7 +2,7 @@
 
 `ray.data.llm` starts a fresh engine on every dataset execution (about a minute on CPU), and one round runs many
 short passes (sample, several branching levels, evaluations). So the engines live in `EngineActor`s owned by an
-`EnginePool` for the whole run, and each pass is a Ray Data `map_batches` whose lightweight workers forward
+`EnginePool` for the whole run, and each pass is a Ray Data `map_batches` whose lightweight tasks forward
 batches to them. Between rounds the actors swap weights in place (`load_weights`) instead of restarting.
 
 An engine actor that dies (out of memory, a lost node, a killed process) is restarted by Ray up to
@@ -12,7 +12,6 @@ so a restarted actor (which Ray builds from its first model) loads the current p
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -80,26 +79,6 @@ class EnginePool:
         self.handles, self.model_dir = [], None
 
 
-class _ForwardToEngine:
-    """Ray Data UDF: sends each batch of prompts to one of the pool's engines, one output row per completion."""
-
-    def __init__(self, handles: list[ray.actor.ActorHandle], spec: SamplingSpec, model_dir: str) -> None:
-        self.engines = itertools.cycle(handles)
-        self.spec, self.model_dir = spec, model_dir
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        prompts = [list(map(int, ids)) for ids in batch["prompt_ids"]]
-        seeds = [int(s) for s in batch["_seed"]] if "_seed" in batch else None
-        groups = ray.get(next(self.engines).generate.remote(prompts, self.spec, seeds, self.model_dir))
-        rows = []
-        for record, group in zip(batch.drop(columns="_seed", errors="ignore").to_dict("records"), groups):
-            for sample_idx, completion in enumerate(group):
-                rows.append({**record, "sample_idx": sample_idx, "completion_ids": completion["token_ids"],
-                             "completion": completion["text"], "finish_reason": completion["finish_reason"],
-                             "num_tokens": len(completion["token_ids"])})
-        return pd.DataFrame(rows)
-
-
 def generate_rows(pool: EnginePool, rows: Sequence[dict[str, Any]], spec: SamplingSpec) -> list[dict[str, Any]]:
     """Sample `spec.n` completions for every row's `prompt_ids`; other columns are carried through.
 
@@ -111,16 +90,37 @@ def generate_rows(pool: EnginePool, rows: Sequence[dict[str, Any]], spec: Sampli
     seeded = spec.seed is not None
     indexed = [{**row, "_row": i, **({"_seed": derive_seed(spec.seed, i)} if seeded else {})}
                for i, row in enumerate(rows)]
+    # Tasks, not an actor pool: Ray reuses its idle task workers from one pass to the next, where an actor pool
+    # starts (and imports into) a fresh process every pass, about 2 s each on 2 CPUs (benchmarks/sampling.py).
+    # Two batches in flight per engine keep it busy while the previous batch's rows are assembled.
     dataset = ray.data.from_items(indexed).map_batches(
-        _ForwardToEngine,
-        fn_constructor_args=(pool.handles, spec, pool.model_dir),
+        _forward_to_engine,
+        fn_kwargs={"handles": pool.handles, "spec": spec, "model_dir": pool.model_dir,
+                   "batch_size": pool.cfg.batch_size},
         batch_size=pool.cfg.batch_size,
         batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=len(pool.handles)),
+        compute=ray.data.TaskPoolStrategy(size=2 * len(pool.handles)),
         num_cpus=0.1,
     )
     out = dataset.to_pandas().sort_values(["_row", "sample_idx"], kind="stable")
     return [{k: _plain(v) for k, v in r.items() if k != "_row"} for r in out.to_dict("records")]
+
+
+def _forward_to_engine(batch: pd.DataFrame, handles: list[ray.actor.ActorHandle], spec: SamplingSpec,
+                       model_dir: str, batch_size: int) -> pd.DataFrame:
+    """Ray Data UDF: sends a batch of prompts to one of the pool's engines (batches take turns by position), one
+    output row per completion."""
+    engine = handles[int(batch["_row"].iloc[0]) // batch_size % len(handles)]
+    prompts = [list(map(int, ids)) for ids in batch["prompt_ids"]]
+    seeds = [int(s) for s in batch["_seed"]] if "_seed" in batch else None
+    groups = ray.get(engine.generate.remote(prompts, spec, seeds, model_dir))
+    rows = []
+    for record, group in zip(batch.drop(columns="_seed", errors="ignore").to_dict("records"), groups):
+        for sample_idx, completion in enumerate(group):
+            rows.append({**record, "sample_idx": sample_idx, "completion_ids": completion["token_ids"],
+                         "completion": completion["text"], "finish_reason": completion["finish_reason"],
+                         "num_tokens": len(completion["token_ids"])})
+    return pd.DataFrame(rows)
 
 
 def _plain(value: Any) -> Any:
