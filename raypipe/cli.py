@@ -14,6 +14,17 @@ from raypipe.engines.text import EngineError
 log = logging.getLogger("raypipe")
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raypipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", default=None, help="folder for predictions.parquet and rejected rows")
     ev.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="generation engine")
     ev.add_argument("--max-new-tokens", type=int, default=512, help="cap on each generated answer")
+    ev.add_argument("--max-rejected-fraction", type=_fraction, default=1.0,
+                    help="stop when more than this share of the rows is bad (default 1: evaluate the usable rows)")
     cmp = sub.add_parser("compare", help="every method from one SFT checkpoint, equal steps, several seeds")
     cmp.add_argument("config", help="comparison YAML, e.g. conf/compare.yaml")
     cmp.add_argument("overrides", nargs="*", help="dotted overrides of the comparison, e.g. seeds=[0,1]")
@@ -60,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
             engine = EngineConfig(backend=args.backend, max_model_len=4096)
             run_benchmark_eval(Path(args.model), Path(args.data), args.kind, args.limit, engine,
-                               args.max_new_tokens, Path(args.out) if args.out else None)
+                               args.max_new_tokens, Path(args.out) if args.out else None, args.max_rejected_fraction)
         elif args.command == "serve":
             from raypipe.serve import serve_forever
 

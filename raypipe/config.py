@@ -322,6 +322,9 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
     if cfg.model.path is None and cfg.model.hidden_size // cfg.model.num_heads < 32:
         raise ConfigError("model.hidden_size / model.num_heads must be >= 32 (vLLM's CPU attention needs it)")
+    if not 0 <= cfg.realign.max_rejected_fraction <= 1:
+        raise ConfigError(f"realign.max_rejected_fraction={cfg.realign.max_rejected_fraction} must be between 0 "
+                          "and 1")
     if cfg.realign.task is not None:
         from raypipe.realign.tasks import load_tasks
 

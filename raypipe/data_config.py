@@ -49,6 +49,10 @@ class ReAlignConfig:
     """Field holding the response to rewrite."""
     limit: int | None = None
     """First N rows only (null: all)."""
+    max_rejected_fraction: float = 1.0
+    """Stop with an error when more than this share of the input's rows is rejected (bad JSON, missing fields...;
+    every one is listed in rejected.jsonl either way). 1.0: never stop, rewrite the usable rows; 0.0: any bad row
+    is an error."""
     classifier: str = "keyword"
     """'keyword' (deterministic, offline) or 'model' (the published prompt: the model names one of the 46 tasks;
     an unknown answer falls back to 'default')."""

@@ -60,13 +60,14 @@ def evaluate(pool: EnginePool, tokenizer: PreTrainedTokenizerBase, questions: Se
 
 
 def run_benchmark_eval(model_dir: Path, data: Path, kind: str, limit: int | None, engine: EngineConfig,
-                       max_new_tokens: int, out: Path | None) -> EvalResult:
+                       max_new_tokens: int, out: Path | None, max_rejected_fraction: float = 1.0) -> EvalResult:
     """`raypipe eval`: accuracy of any local HF model directory on a JSONL benchmark. Bad rows and prompts too long
-    for the model are set aside into `out`/rejected.jsonl, counted by reason in `out`/manifest.json."""
+    for the model are set aside into `out`/rejected.jsonl, counted by reason in `out`/manifest.json; more than
+    `max_rejected_fraction` of the file's rows bad is an error before any model runs."""
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     require_safetensors(model_dir)
-    loaded = load_benchmark(data, kind, limit)
+    loaded = load_benchmark(data, kind, limit, max_rejected_fraction=max_rejected_fraction)
     engine = replace(engine, max_model_len=context_length(model_dir, engine.max_model_len))
     if max_new_tokens >= engine.max_model_len:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a question in the model's context "

@@ -94,6 +94,29 @@ def test_a_file_with_no_usable_row_says_why(tmp_path: Path) -> None:
         load_pairs(broken, "q", "r")
 
 
+@pytest.mark.parametrize("loader", ["benchmark", "pairs"])
+def test_a_file_with_more_bad_rows_than_allowed_stops_with_the_count(bad_file: Path, loader: str, tiny_model_dir: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """11 of 13 rows are bad: fine at the default (1.0), an error naming the file, the count and the first bad row
+    at any lower tolerance; `raypipe eval --max-rejected-fraction` and `realign.max_rejected_fraction` set it."""
+    from raypipe.cli import main
+
+    def load(fraction: float) -> object:
+        return (load_benchmark(bad_file, "gsm8k", max_rejected_fraction=fraction) if loader == "benchmark"
+                else load_pairs(bad_file, "question", "answer", max_rejected_fraction=fraction))
+
+    assert load(11 / 13) is not None
+    with pytest.raises(DataError, match=r"bad.jsonl: 11 of 13 rows rejected \(85%\), more than max_rejected_fraction "
+                                        r"0.5 allows; first: row 3, field '<row>': "):
+        load(0.5)
+    # the CLI reads the data before it starts an engine: a one-line error, exit code 2
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(bad_file), "--kind", "gsm8k",
+                 "--max-rejected-fraction", "0"]) == 2
+    assert "11 of 13 rows rejected (85%), more than max_rejected_fraction 0 allows" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"realign.max_rejected_fraction=1.5 must be between 0 and 1"):
+        load_config(None, ["method=realign", "realign.max_rejected_fraction=1.5"])
+
+
 def test_a_retrieval_corpus_with_a_broken_passage_is_one_clear_error(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_bytes(b'{"text": "Paris is in France."}\n{"text": "caf\xe9"}\n')

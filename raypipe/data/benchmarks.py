@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe.data.rows import (DataError, DuplicateIds, Problem, as_object, json_type, no_usable_rows,
-                               read_jsonl, rejected_row, text_problem)
+from raypipe.data.rows import (DataError, DuplicateIds, Problem, as_object, check_rejected, json_type,
+                               no_usable_rows, read_jsonl, rejected_row, text_problem)
 from raypipe.grading import KINDS, extract_answer
 
 __all__ = ["BenchmarkRows", "DataError", "load_benchmark"]  # DataError is imported from here across raypipe
@@ -23,13 +23,15 @@ class BenchmarkRows:
     rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
-def load_benchmark(path: Path, kind: str, limit: int | None = None, id_field: str | None = "id") -> BenchmarkRows:
+def load_benchmark(path: Path, kind: str, limit: int | None = None, id_field: str | None = "id",
+                   max_rejected_fraction: float = 1.0) -> BenchmarkRows:
     """Rows with `question` and `gold`, the final answer of `answer` under the `kind` grader.
 
     `answer` is a worked solution the grader extracts the final answer from (GSM8K's `#### 42`, MATH's
     `\\boxed{}`), or a JSON number, which is the final answer itself (some datasets store it so). A row whose
     `id_field` value repeats an earlier row's is rejected (rows without the field are not checked; None turns the
-    check off). `limit`: stop after that many usable rows.
+    check off). `limit`: stop after that many usable rows. More than `max_rejected_fraction` of the rows rejected
+    is an error (1.0: never).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown answer kind {kind!r}; valid kinds are: {', '.join(KINDS)}")
@@ -47,6 +49,7 @@ def load_benchmark(path: Path, kind: str, limit: int | None = None, id_field: st
             out.rows.append({"row": raw.row, **parsed})
     if not out.rows:
         raise no_usable_rows(path, out.rejected, " (fields 'question' and 'answer' are read)")
+    check_rejected(path, len(out.rows), out.rejected, max_rejected_fraction)
     return out
 
 

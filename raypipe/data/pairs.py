@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe.data.rows import (DataError, DuplicateIds, RawRow, as_object, no_usable_rows, read_jsonl,
-                               rejected_row, text_problem)
+from raypipe.data.rows import (DataError, DuplicateIds, RawRow, as_object, check_rejected, no_usable_rows,
+                               read_jsonl, rejected_row, text_problem)
 
 
 @dataclass
@@ -23,10 +23,10 @@ class PairRows:
 
 
 def load_pairs(path: Path, query_field: str, response_field: str, limit: int | None = None,
-               id_field: str | None = "id") -> PairRows:
+               id_field: str | None = "id", max_rejected_fraction: float = 1.0) -> PairRows:
     """Rows whose query and response are non-blank strings. A row whose `id_field` value repeats an earlier row's
     is rejected (rows without the field are not checked; None turns the check off). `limit`: stop after that many
-    usable rows."""
+    usable rows. More than `max_rejected_fraction` of the rows rejected is an error (1.0: never)."""
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     out = PairRows()
@@ -44,6 +44,7 @@ def load_pairs(path: Path, query_field: str, response_field: str, limit: int | N
                          "record": record})
     if not out.rows:
         raise no_usable_rows(path, out.rejected, f" (fields '{query_field}' and '{response_field}' are read)")
+    check_rejected(path, len(out.rows), out.rejected, max_rejected_fraction)
     return out
 
 

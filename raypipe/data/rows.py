@@ -141,6 +141,17 @@ def no_usable_rows(path: Path, rejected: list[dict[str, Any]], note: str = "") -
     return DataError(f"{path}: no usable rows ({len(rejected)} rejected{first}){note}")
 
 
+def check_rejected(path: Path, usable: int, rejected: list[dict[str, Any]], max_fraction: float) -> None:
+    """Stop when more than `max_fraction` of the rows read were set aside: past some share a file is more likely
+    mapped wrong (another field name, another format) than dirty, and training on its remainder would mislead."""
+    total = usable + len(rejected)
+    if total and len(rejected) / total > max_fraction:
+        first = rejected[0]
+        raise DataError(f"{path}: {len(rejected)} of {total} rows rejected ({len(rejected) / total:.0%}), more than "
+                        f"max_rejected_fraction {max_fraction:g} allows; first: row {first['row']}, field "
+                        f"'{first['field']}': {first['error']}")
+
+
 def _short(value: Any, limit: int = 80) -> str:
     text = json.dumps(value, default=str)  # ASCII: a message must print on any terminal
     return text if len(text) <= limit else text[:limit] + "..."

@@ -59,7 +59,8 @@ def file_version(path: Path) -> dict[str, Any]:
 
 def realign_dataset(cfg: RunConfig, source: Path, out: Path) -> dict[str, Any]:
     settings = cfg.realign
-    loaded = load_pairs(source, settings.query_field, settings.response_field, settings.limit)
+    loaded = load_pairs(source, settings.query_field, settings.response_field, settings.limit,
+                        max_rejected_fraction=settings.max_rejected_fraction)
     rows = loaded.rows
     needs_model = settings.classifier == "model" or settings.rewriter == "model"
     generator = make_text_generator(settings.model, cfg.engine, cfg.run_dir.resolve()) if needs_model else None
