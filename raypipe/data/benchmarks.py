@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe.data.rows import (DataError, DuplicateIds, Problem, as_object, check_rejected, json_type,
-                               no_usable_rows, read_jsonl, rejected_row, text_problem)
+from raypipe.data.rows import (DataError, DuplicateIds, Problem, as_object, json_type, read_jsonl, sort_rows,
+                               text_problem)
 from raypipe.grading import KINDS, extract_answer
 
 __all__ = ["BenchmarkRows", "DataError", "load_benchmark"]  # DataError is imported from here across raypipe
@@ -37,20 +37,10 @@ def load_benchmark(path: Path, kind: str, limit: int | None = None, id_field: st
         raise ValueError(f"unknown answer kind {kind!r}; valid kinds are: {', '.join(KINDS)}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    out = BenchmarkRows()
     ids = DuplicateIds(id_field)
-    for raw in read_jsonl(path):
-        if limit is not None and len(out.rows) >= limit:
-            break
-        parsed = raw.problem or _parse(raw.value, kind, ids, raw.row)
-        if isinstance(parsed, Problem):
-            out.rejected.append(rejected_row(path, raw.row, parsed, raw.raw))
-        else:
-            out.rows.append({"row": raw.row, **parsed})
-    if not out.rows:
-        raise no_usable_rows(path, out.rejected, " (fields 'question' and 'answer' are read)")
-    check_rejected(path, len(out.rows), out.rejected, max_rejected_fraction)
-    return out
+    rows, rejected = sort_rows(path, read_jsonl(path), lambda raw: _parse(raw.value, kind, ids, raw.row), limit,
+                               max_rejected_fraction, " (fields 'question' and 'answer' are read)")
+    return BenchmarkRows(rows, rejected)
 
 
 def _parse(record: Any, kind: str, ids: DuplicateIds, row: int) -> dict[str, str] | Problem:

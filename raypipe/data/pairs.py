@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe.data.rows import (DataError, DuplicateIds, RawRow, as_object, check_rejected, no_usable_rows,
-                               read_jsonl, rejected_row, text_problem)
+from raypipe.data.rows import (DataError, DuplicateIds, Problem, RawRow, as_object, read_jsonl, sort_rows,
+                               text_problem)
 
 
 @dataclass
@@ -29,23 +29,17 @@ def load_pairs(path: Path, query_field: str, response_field: str, limit: int | N
     usable rows. More than `max_rejected_fraction` of the rows rejected is an error (1.0: never)."""
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    out = PairRows()
     ids = DuplicateIds(id_field)
-    for raw in _records(path):
-        if limit is not None and len(out.rows) >= limit:
-            break
+
+    def parse(raw: RawRow) -> dict[str, Any] | Problem:
         record = raw.value
-        problem = raw.problem or as_object(record) or ids.check(record, raw.row) or text_problem(
+        problem = as_object(record) or ids.check(record, raw.row) or text_problem(
             record, query_field) or text_problem(record, response_field)
-        if problem is not None:
-            out.rejected.append(rejected_row(path, raw.row, problem, raw.raw))
-            continue
-        out.rows.append({"row": raw.row, "query": record[query_field], "response": record[response_field],
-                         "record": record})
-    if not out.rows:
-        raise no_usable_rows(path, out.rejected, f" (fields '{query_field}' and '{response_field}' are read)")
-    check_rejected(path, len(out.rows), out.rejected, max_rejected_fraction)
-    return out
+        return problem or {"query": record[query_field], "response": record[response_field], "record": record}
+
+    rows, rejected = sort_rows(path, _records(path), parse, limit, max_rejected_fraction,
+                               f" (fields '{query_field}' and '{response_field}' are read)")
+    return PairRows(rows, rejected)
 
 
 def _records(path: Path) -> Iterator[RawRow]:

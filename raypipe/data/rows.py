@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,28 @@ def check_rejected(path: Path, usable: int, rejected: list[dict[str, Any]], max_
         raise DataError(f"{path}: {len(rejected)} of {total} rows rejected ({len(rejected) / total:.0%}), more than "
                         f"max_rejected_fraction {max_fraction:g} allows; first: row {first['row']}, field "
                         f"'{first['field']}': {first['error']}")
+
+
+def sort_rows(path: Path, raws: Iterable[RawRow], parse: Callable[[RawRow], dict[str, Any] | Problem],
+              limit: int | None, max_rejected_fraction: float,
+              fields_note: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(usable rows with their `row` number, rejected records) of a loader's `raws`, each parsed by `parse`;
+    at most `limit` usable rows. None usable, or more rejected than `max_rejected_fraction`, is a DataError
+    (`fields_note` says which fields were read)."""
+    rows: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    for raw in raws:
+        if limit is not None and len(rows) >= limit:
+            break
+        parsed = raw.problem or parse(raw)
+        if isinstance(parsed, Problem):
+            rejected.append(rejected_row(path, raw.row, parsed, raw.raw))
+        else:
+            rows.append({"row": raw.row, **parsed})
+    if not rows:
+        raise no_usable_rows(path, rejected, fields_note)
+    check_rejected(path, len(rows), rejected, max_rejected_fraction)
+    return rows, rejected
 
 
 def _short(value: Any, limit: int = 80) -> str:
