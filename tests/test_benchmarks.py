@@ -11,6 +11,7 @@ import torch
 
 from benchmarks import __main__ as harness
 from benchmarks import dpo_vs_trl as bench
+from benchmarks.dpo_inputs import step_pairs
 from raypipe.config import TaskConfig
 from raypipe.data.synthetic import load_splits
 from raypipe.train.collate import pad_sequences
@@ -32,7 +33,7 @@ def pairs(tiny_model_dir: Path, task_cfg: TaskConfig) -> list[bench.Pair]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    return bench.step_pairs(load_splits(task_cfg)["pool"], lambda s: tok(s, add_special_tokens=False)["input_ids"], 24)
+    return step_pairs(load_splits(task_cfg)["pool"], lambda s: tok(s, add_special_tokens=False)["input_ids"], 24)
 
 
 def test_harness_rejects_unknown_names_and_arguments_to_all() -> None:
