@@ -26,12 +26,11 @@ import ray
 from transformers import AutoTokenizer
 
 from raypipe.config import RunConfig, load_config
-from raypipe.data.synthetic import load_splits
 from raypipe.engines.base import derive_seed
-from raypipe.grading import grade
-from raypipe.rollout.branching import Brancher, WrongChain, agreement, branch_row
+from raypipe.rollout.branching import Brancher, WrongChain, branch_row, localisation_metrics
 from raypipe.rollout.generation import EnginePool
 from raypipe.rollout.sampling import grade_samples, prompt_rows, sample_chains, wrong_chains
+from raypipe.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY_CONFIG = ROOT / "conf" / "quickstart.yaml"
@@ -79,10 +78,7 @@ def localise(chains: list[WrongChain], cfg: RunConfig, search: str, pool: Engine
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    def is_correct(text: str, gold: str) -> bool:
-        return grade(text, gold, "synthetic").correct
-
-    brancher = Brancher(replace(cfg.branch, search=search), pool, is_correct, decode, cfg.sampling.temperature,
+    brancher = Brancher(replace(cfg.branch, search=search), pool, make_task(cfg.task).is_correct, decode, cfg.sampling.temperature,
                         cfg.sampling.top_p, cfg.sampling.max_new_tokens, seed)
     start = time.perf_counter()
     found = brancher.localise(chains)
@@ -91,7 +87,7 @@ def localise(chains: list[WrongChain], cfg: RunConfig, search: str, pool: Engine
     localised = [r for r in rows if r["first_wrong"] is not None]
     rollouts = sum(r["rollouts"] for r in rows)
     return {"search": search, "seconds": seconds, "rollouts": rollouts, "localised": len(localised),
-            "passes": brancher.passes, "agreement": agreement(rows),
+            "passes": brancher.passes, "agreement": localisation_metrics(rows, "mc", True)["mc_exact_agreement_localised"],
             "rollouts_per_error": rollouts / max(len(localised), 1),
             "ms_per_error": 1000 * seconds / max(len(localised), 1), "rollouts_per_s": rollouts / seconds,
             "first_wrong": [r["first_wrong"] for r in rows]}
@@ -113,13 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pool = EnginePool(cfg.engine).use(model_dir)
     try:
-        problems = list(enumerate(load_splits(cfg.task)["pool"][: args.questions]))
+        task = make_task(cfg.task)
+        problems = list(enumerate(task.splits.pool[: args.questions]))
         start = time.perf_counter()
-        samples = sample_chains(pool, prompt_rows(problems, tokenizer), cfg.sampling, derive_seed(args.seed, "sample"))
+        samples = sample_chains(pool, prompt_rows(problems, tokenizer, task), cfg.sampling,
+                                derive_seed(args.seed, "sample"))
         sample_seconds = time.perf_counter() - start
-        graded = grade_samples(samples, dict(problems))
-        chains = wrong_chains(graded, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                              cfg.branch.max_wrong_per_question)
+        graded = grade_samples(samples, dict(problems), task)
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        chains = wrong_chains(graded, lambda ids: task.step_ends(ids, decode), cfg.branch.max_wrong_per_question)
         steps = [c.num_steps for c in chains]
         print(f"policy {model_dir} (held-out accuracy {accuracy:.3f}); {len(problems)} questions x "
               f"{cfg.sampling.samples_per_question} samples in {sample_seconds:.1f} s, sample accuracy "

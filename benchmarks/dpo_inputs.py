@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raypipe.config import ModelConfig, TaskConfig
-from raypipe.data.synthetic import Problem, load_splits
+from raypipe.data.synthetic import ArithmeticProblem, load_splits
 from raypipe.data.tiny_model import save_tiny_model
 from raypipe.update_config import OptimConfig
 
@@ -48,7 +48,7 @@ class Settings:
         return OptimConfig(lr=1e-5, warmup_steps=5, batch_size=self.batch_size, min_lr_ratio=0.0)
 
 
-def step_pairs(problems: list[Problem], encode: Callable[[str], list[int]], n: int, seed: int = 0) -> list[Pair]:
+def step_pairs(problems: list[ArithmeticProblem], encode: Callable[[str], list[int]], n: int, seed: int = 0) -> list[Pair]:
     """One pair per problem: a random step k of its true solution against the same line with a wrong result."""
     rng = random.Random(seed)
     pairs = []

@@ -36,11 +36,11 @@ import ray
 from transformers import AutoTokenizer
 
 from benchmarks.branching import policy_config, trained_policy
-from raypipe.data.synthetic import load_splits
 from raypipe.engines.base import Generator, SamplingSpec, derive_seed
 from raypipe.grading import grade
 from raypipe.rollout.generation import EnginePool, generate_rows
 from raypipe.rollout.sampling import prompt_rows
+from raypipe.tasks import make_task
 
 Outputs = list[tuple[int, str]]
 """(generated tokens, text) of every completion, prompt by prompt, sample by sample."""
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = policy_config(args.overrides)
     model_dir, accuracy = trained_policy(cfg, args.policy_run)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = prompt_rows(list(enumerate(load_splits(cfg.task)["pool"][: args.questions])), tokenizer)
+    task = make_task(cfg.task)
+    rows = prompt_rows(list(enumerate(task.splits.pool[: args.questions])), tokenizer, task)
     prompts, golds = [r["prompt_ids"] for r in rows], [r["gold"] for r in rows]
     s, batch = cfg.sampling, cfg.engine.batch_size
     spec = SamplingSpec(n=s.samples_per_question, temperature=s.temperature, top_p=s.top_p,

@@ -30,18 +30,66 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    """The embedded synthetic task: chained arithmetic problems solved one `Step k:` line per operation."""
+    """What the rounds run on (raypipe/tasks/): the embedded synthetic task, or a dataset of the user's own.
 
+    `source: synthetic` generates chained arithmetic problems solved one `Step k:` line per operation (the keys
+    marked "synthetic"); `source: dataset` reads JSONL / Parquet / `datasets.save_to_disk` files (GSM8K-format
+    `#### N` answers, MATH-format `\\boxed{}` solutions, or an explicit answer field). The split sizes cap a
+    dataset's splits (first rows kept).
+    """
+
+    source: str = "synthetic"
+    """'synthetic' (the embedded default, generated here) or 'dataset' (the `*_path` files)."""
+    train_path: str | None = None
+    """dataset: rows WITH worked solutions (SFT / control / VFT data). Without `pool_path`, its rows after the first
+    `sft_problems` are the answer-only pool (their worked solutions never shown); without `dev_path`, its last
+    `dev_problems` rows are held out as dev. A file, a save_to_disk folder, or `hf:NAME[:CONFIG]:SPLIT` (a hub
+    dataset; needs a network)."""
+    pool_path: str | None = None
+    """dataset: questions the methods sample on. Only each row's final answer is read, never a worked solution."""
+    dev_path: str | None = None
+    """dataset: held-out rows for stopping and selection (never the reported figure)."""
+    test_path: str | None = None
+    """dataset: held-out rows for the reported accuracy (required)."""
+    question_field: str = "question"
+    """dataset: the field holding the question (MATH files: 'problem')."""
+    answer_field: str = "answer"
+    """dataset: the field holding the answer: a worked solution ending in GSM8K's `#### N` or holding MATH's
+    `\\boxed{}` (its final answer is extracted), or the final answer alone (a string or a number)."""
+    solution_field: str | None = None
+    """dataset: the field holding the worked solution when it is not `answer_field` (e.g. MATH's 'solution' beside
+    an 'answer'); null: the answer field's text is the solution."""
+    answer_kind: str | None = None
+    """How answers are extracted and compared (raypipe.grading): 'gsm8k', 'math' or 'synthetic'. null: the
+    task's own ('synthetic' for the synthetic task; a dataset must name one)."""
+    step_delimiter: str = "newline"
+    """Where one reasoning step ends: 'newline', 'blank_line', 'step_marker' (before each `Step k:`) or a regular
+    expression. Whitespace-only steps are dropped."""
+    system_prompt: str | None = None
+    """A system message for models with a chat template (a template without system turns ignores it)."""
+    instruction: str | None = None
+    """Text added on its own line after each question, e.g. "Please reason step by step, and put your final answer
+    within \\boxed{}." for an instruct model."""
+    pairs_path: str | None = None
+    """An existing preference dataset to train stepdpo / dpo / ipo on instead of sampling (every round reads it):
+    the Math-Step-DPO-10K schema (`prompt`, `initial_reason_steps`, `chosen`, `rejected`: only the step tokens are
+    scored) or TRL's preference format (`prompt`, `chosen`, `rejected`; text or message lists). The task's test
+    split still gives the reported accuracy."""
+    max_rejected_fraction: float = 1.0
+    """dataset: stop with an error when more than this share of a file's rows is set aside (every bad row is
+    listed in the init stage's rejected.jsonl either way). 1.0: never stop."""
     num_steps_min: int = 3
-    """Fewest operations per problem. 3 is the easy setting; 4-5 is much harder and more seed-dependent."""
+    """synthetic: fewest operations per problem. 3 is the easy setting; 4-5 is much harder and more
+    seed-dependent."""
     num_steps_max: int = 3
-    """Most operations per problem (drawn uniformly between min and max)."""
+    """synthetic: most operations per problem (drawn uniformly between min and max)."""
     operand_min: int = 1
-    """Smallest start value / operand."""
+    """synthetic: smallest start value / operand."""
     operand_max: int = 99
-    """Largest start value / operand. Bigger numbers mean more digits and a later learning phase transition."""
+    """synthetic: largest start value / operand. Bigger numbers mean more digits and a later learning phase
+    transition."""
     operations: list[str] = field(default_factory=lambda: ["+", "-"])
-    """Operations to draw from: any of '+', '-', '*'. A '-' that would go below 0 becomes '+'."""
+    """synthetic: operations to draw from: any of '+', '-', '*'. A '-' that would go below 0 becomes '+'."""
     sft_problems: int = 2000
     """Problems WITH worked solutions (the small SFT set). SFT plateaus lower with fewer."""
     pool_questions: int = 4000
@@ -51,7 +99,8 @@ class TaskConfig:
     test_problems: int = 500
     """Held-out problems for the reported accuracy before/after each round."""
     seed: int = 1234
-    """Seed of the problem generator; each split uses its own derived stream, so splits never overlap."""
+    """synthetic: seed of the problem generator; each split uses its own derived stream, so splits never
+    overlap."""
 
 
 @dataclass
@@ -152,6 +201,8 @@ class SFTConfig:
     """Optimiser for SFT."""
     max_steps: int = 4000
     """Hard cap on optimiser steps (the cosine schedule spans it); 0 skips SFT (a model that needs none)."""
+    max_length: int = 256
+    """Longest training row (prompt + worked solution) in tokens; longer rows lose tokens from the left."""
     eval_every_steps: int = 100
     """Greedy dev-set evaluation interval."""
     target_accuracy: float = 0.5
@@ -331,9 +382,37 @@ def _validate(cfg: RunConfig) -> None:
         if cfg.realign.task not in load_tasks():
             raise ConfigError(f"realign.task={cfg.realign.task!r} is not one of the 46 task names "
                               "(raypipe/realign/tasks.yaml)")
+    _validate_task(cfg)
     bad_ops = set(cfg.task.operations) - {"+", "-", "*"}
     if bad_ops:
         raise ConfigError(f"task.operations has unknown operations {sorted(bad_ops)}; use '+', '-', '*'")
+
+
+def _validate_task(cfg: RunConfig) -> None:
+    task = cfg.task
+    if task.source not in ("synthetic", "dataset"):
+        raise ConfigError(f"task.source={task.source!r} is not one of ['dataset', 'synthetic']")
+    if task.answer_kind is not None and task.answer_kind not in ("gsm8k", "math", "synthetic"):
+        raise ConfigError(f"task.answer_kind={task.answer_kind!r} is not one of ['gsm8k', 'math', 'synthetic']")
+    if task.source == "synthetic" and task.answer_kind not in (None, "synthetic"):
+        raise ConfigError(f"task.answer_kind={task.answer_kind!r}: the synthetic task's answers are graded as "
+                          "'synthetic' (set task.source=dataset to read your own files)")
+    if task.source == "dataset" and cfg.method != "realign":
+        if task.answer_kind is None:
+            raise ConfigError("task.answer_kind must be set for task.source=dataset: 'gsm8k' (numbers, `#### N`) "
+                              "or 'math' (LaTeX answers, \\boxed{})")
+        if not task.test_path:
+            raise ConfigError("task.test_path must name the test file for task.source=dataset")
+    if task.pairs_path and cfg.method not in ("stepdpo", "dpo", "ipo"):
+        raise ConfigError(f"task.pairs_path trains stepdpo, dpo or ipo; method={cfg.method!r} cannot use it")
+    if not 0 <= task.max_rejected_fraction <= 1:
+        raise ConfigError(f"task.max_rejected_fraction={task.max_rejected_fraction} must be between 0 and 1")
+    from raypipe.data.steps import StepSplitter
+
+    try:
+        StepSplitter(task.step_delimiter)
+    except ValueError as err:
+        raise ConfigError(f"task.step_delimiter: {err}") from None
 
 
 def to_dict(section: Any) -> dict[str, Any]:

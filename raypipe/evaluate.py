@@ -11,16 +11,15 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from raypipe.artifacts import write_rows
-from raypipe.config import ConfigError, EngineConfig
+from raypipe.config import ConfigError, EngineConfig, TaskConfig
 from raypipe.data.benchmarks import DataError, load_benchmark
 from raypipe.data.rows import Problem, counts_by_reason, rejected_row
-from raypipe.data.steps import format_prompt
 from raypipe.engines.base import SamplingSpec
 from raypipe.engines.checks import context_length, require_safetensors
 from raypipe.engines.text import prompt_too_long
-from raypipe.grading import grade
 from raypipe.ray_env import init_ray
 from raypipe.rollout.generation import EnginePool, generate_rows
+from raypipe.tasks import Problem as TaskProblem, Task, make_task
 
 
 @dataclass
@@ -35,22 +34,23 @@ class EvalResult:
     """Questions never sent to the engine, as {qid, problem}: a prompt with no room for its answer in the context."""
 
 
-def evaluate(pool: EnginePool, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str],
-             golds: Sequence[str], kind: str, max_new_tokens: int) -> EvalResult:
-    """Greedy-decode every question with the step prompt and grade the final answers. A prompt that leaves no
-    room for `max_new_tokens` in the engine's context is set aside first: vLLM would fail the whole batch for it."""
+def evaluate(pool: EnginePool, tokenizer: PreTrainedTokenizerBase, task: Task, problems: Sequence[TaskProblem],
+             max_new_tokens: int) -> EvalResult:
+    """Greedy-decode every problem with the task's prompt and grade the final answers with its grader. A prompt
+    that leaves no room for `max_new_tokens` in the engine's context is set aside first (vLLM would fail the whole
+    batch for it); the set-aside count is part of the result."""
     rows, set_aside = [], []
-    for i, (q, g) in enumerate(zip(questions, golds)):
-        ids = tokenizer(format_prompt(q), add_special_tokens=False).input_ids
+    for p in problems:
+        ids = task.prompt_ids(tokenizer, p.question)
         why = prompt_too_long(len(ids), max_new_tokens, pool.cfg.max_model_len)
         if why is None:
-            rows.append({"qid": i, "question": q, "gold": g, "prompt_ids": ids})
+            rows.append({"qid": p.id, "question": p.question, "gold": p.gold, "prompt_ids": ids})
         else:
-            set_aside.append({"qid": i, "problem": Problem("question", "prompt_too_long", why)})
+            set_aside.append({"qid": p.id, "problem": Problem("question", "prompt_too_long", why)})
     outputs = generate_rows(pool, rows, SamplingSpec(n=1, temperature=0.0, max_tokens=max_new_tokens))
     graded = []
     for row in outputs:
-        verdict = grade(row["completion"], row["gold"], kind)
+        verdict = task.grade(row["completion"], row["gold"])
         graded.append({"qid": row["qid"], "question": row["question"], "gold": row["gold"],
                        "completion": row["completion"], "predicted": verdict.predicted,
                        "correct": verdict.correct, "grade_reason": verdict.reason})
@@ -76,8 +76,9 @@ def run_benchmark_eval(model_dir: Path, data: Path, kind: str, limit: int | None
     pool = EnginePool(engine).use(str(model_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=engine.trust_remote_code)
-        result = evaluate(pool, tokenizer, [r["question"] for r in loaded.rows], [r["gold"] for r in loaded.rows],
-                          kind, max_new_tokens)
+        task = make_task(TaskConfig(source="dataset", answer_kind=kind))  # its prompt and grader, not its files
+        problems = [TaskProblem(id=i, question=r["question"], gold=r["gold"]) for i, r in enumerate(loaded.rows)]
+        result = evaluate(pool, tokenizer, task, problems, max_new_tokens)
     finally:
         pool.shutdown()
     for row in result.rows:  # where each prediction's question is in the file

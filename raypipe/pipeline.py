@@ -24,22 +24,22 @@ import ray
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from raypipe.artifacts import ArtifactStore, StageResult, write_rows
-from raypipe.config import RunConfig, save_config
-from raypipe.data.synthetic import Problem, load_splits
+from raypipe.data.preference import load_preference_pairs, trl_rows, write_trl_jsonl
+from raypipe.data.rows import DataError, write_rejected
+from raypipe.config import ConfigError, RunConfig, save_config
 from raypipe.data.tiny_model import save_tiny_model
 from raypipe.engines.base import derive_seed
 from raypipe.evaluate import evaluate
-from raypipe.grading import grade
 from raypipe.lema.correct import correction_settings, run_correction
-from raypipe.lema.exact import format_corpus
 from raypipe.methods import METHODS, BuildInputs
 from raypipe.methods.aft import assessment_accuracy, assessment_rows
 from raypipe.methods.sft import sft_rows
 from raypipe.ray_env import init_ray
 from raypipe.report import plot_accuracy, print_summary, round_summary, write_summary
-from raypipe.rollout.branching import Brancher, agreement, branch_row
+from raypipe.rollout.branching import Brancher, branch_row, localisation_metrics
 from raypipe.rollout.generation import EnginePool
 from raypipe.rollout.sampling import grade_samples, prompt_rows, sample_chains, wrong_chains
+from raypipe.tasks import Problem, Task, make_task
 from raypipe.tracking import Tracker
 from raypipe.train.objectives import SFTObjective
 from raypipe.train.reference import add_reference_logps, score_sequences
@@ -47,8 +47,10 @@ from raypipe.train.trainer import DevEval, TrainJob, run_training
 from raypipe.update_config import UpdateConfig
 
 log = logging.getLogger(__name__)
-LEMA_CORPUS_PROBLEMS = 500
-"""Broken-and-corrected worked solutions added to the tokenizer corpus for `model.extra_corpus: [lema]`."""
+
+
+TRL_PAIRS_FILE = "pairs.trl.jsonl"
+"""The round's preference pairs in TRL's format, beside the build stage's Parquet."""
 
 
 def model_dir(stage: StageResult) -> str:
@@ -61,8 +63,36 @@ def data_path(stage: StageResult) -> Path:
     return folder if folder.is_dir() else stage.dir / "data.parquet"
 
 
+def check_task(cfg: RunConfig, task: Task) -> None:
+    """Refuse, before anything runs, a config that needs what the task does not have."""
+    method = METHODS[cfg.method]
+    splits = task.splits
+    if method.branches and cfg.branch.localiser == "exact":
+        task.require("exact_checker", "branch.localiser=exact", "use branch.localiser=mc")
+    if cfg.method == "aft" and cfg.aft.constraint == "rank":
+        task.require("exact_checker", "aft.constraint=rank (wrong chains ranked by their first wrong step)",
+                     "use aft.constraint=bc or dc")
+    if method.corrects and cfg.lema.corrector == "exact":
+        task.require("exact_corrector", "lema.corrector=exact", "use lema.corrector=model")
+    if method.corrects and cfg.lema.evolve_questions:
+        task.require("question_evolver", "lema.evolve_questions > 0", "set it to 0")
+    if cfg.sft.max_steps and not (splits.worked and splits.dev):
+        raise ConfigError("the round-0 warm-up (sft.max_steps > 0) needs worked solutions and dev problems "
+                          f"(this task has {len(splits.worked)} and {len(splits.dev)}): set task.train_path, or "
+                          "sft.max_steps=0 for a model that needs no warm-up")
+    if method.samples and not splits.pool and not cfg.task.pairs_path:
+        raise ConfigError(f"method {cfg.method} samples on the answer-only pool, and this task's pool is empty "
+                          "(set task.pool_path, task.train_path with more than task.sft_problems rows, or task.pairs_path to "
+                          "train on an existing pairs file)")
+    if cfg.model.path is None and not (splits.worked or splits.pool):
+        raise ConfigError("the tiny model (model.path null) is built from the task's questions and solutions, and "
+                          "this task has none: set model.path to a Hugging Face model folder, or task.train_path")
+    if not splits.test:
+        raise ConfigError("the task has no test problems to report accuracy on (task.test_path)")
+
+
 class Pipeline:
-    """Runs `cfg.rounds` rounds of the configured method on the embedded task.
+    """Runs `cfg.rounds` rounds of the configured method on the configured task (raypipe/tasks/).
 
     `reuse_from`: other run folders whose matching stages stand in for this run's (see ArtifactStore); by
     default the other runs in the same output_dir (`reuse_runs`).
@@ -77,7 +107,9 @@ class Pipeline:
         if not reuse_from and cfg.reuse_runs and self.run_dir.parent.is_dir():
             reuse_from = [d for d in sorted(self.run_dir.parent.iterdir()) if d.is_dir() and d != self.run_dir]
         self.store = ArtifactStore(self.run_dir, reuse_from=[Path(p).resolve() for p in reuse_from])
-        self.splits = load_splits(cfg.task)
+        self.task = make_task(cfg.task)
+        self.splits = self.task.splits
+        check_task(cfg, self.task)
         self.owns_pool = pool is None
         self.pool = pool if pool is not None else EnginePool(cfg.engine)
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -94,11 +126,13 @@ class Pipeline:
             policy = self.sft(worked, init)
             before = self.evaluate(0, "evaluate", policy)
             control, rounds = policy, []
+            samples = method.samples and not cfg.task.pairs_path  # an existing pairs file replaces sampling
             for r in range(1, cfg.rounds + 1):
-                graded = self.grade(r, self.sample(r, policy)) if method.samples else None
-                branched = self.branch(r, graded, policy) if method.branches else None
-                corrected = self.correct(r, graded, policy) if method.corrects else None
-                built = self.build(r, worked, graded, branched or corrected, policy)
+                graded = self.grade(r, self.sample(r, policy)) if samples else None
+                branched = self.branch(r, graded, policy) if samples and method.branches else None
+                corrected = self.correct(r, graded, policy) if samples and method.corrects else None
+                built = (self.build(r, worked, graded, branched or corrected, policy) if samples or not method.samples
+                         else self.read_pairs(r, init))
                 data = self.reference(r, built, policy) if method.reference else built
                 trained = self.train(r, data, policy)
                 after = self.evaluate(r, "evaluate", trained)
@@ -133,12 +167,11 @@ class Pipeline:
         cfg = self.cfg
 
         def body(out: Path) -> dict[str, Any]:
+            data = {"splits": self.splits.sizes(), **write_rejected(out, self.splits.rejected)}
             if cfg.model.path:
-                return {"model_dir": str(Path(cfg.model.path).resolve())}
-            corpus = [p.prompt + p.solution for p in self.splits["sft"]] + [p.prompt for p in self.splits["pool"]]
-            if "lema" in cfg.model.extra_corpus:
-                corpus += format_corpus(self.splits["sft"][:LEMA_CORPUS_PROBLEMS])
-            return {"model_dir": str(save_tiny_model(cfg.model, corpus, out / "model"))}
+                return {"model_dir": str(Path(cfg.model.path).resolve()), **data}
+            corpus = self.task.tokenizer_corpus(cfg.model.extra_corpus)
+            return {"model_dir": str(save_tiny_model(cfg.model, corpus, out / "model")), **data}
 
         return self.store.run(0, "init", (cfg.task, cfg.model), [], body)
 
@@ -146,23 +179,25 @@ class Pipeline:
         """The worked solutions as SFT rows: round 0's SFT, the `sft` / `rft` / `aft` methods and the control."""
         def body(out: Path) -> dict[str, Any]:
             tokenizer = AutoTokenizer.from_pretrained(model_dir(init))
-            return {"rows": write_rows(out, sft_rows(self.splits["sft"], tokenizer))}
+            return {"rows": write_rows(out, sft_rows(self.splits.worked, tokenizer, self.task))}
 
         return self.store.run(0, "sft_data", self.cfg.task, [init], body)
 
     def sft(self, data: StageResult, init: StageResult) -> StageResult:
         """Train on the worked solutions until dev accuracy is mid-band (or plateaus)."""
         cfg, sft = self.cfg, self.cfg.sft
-        dev = self.splits["dev"]
+        dev = self.splits.dev
 
         def body(out: Path) -> dict[str, Any]:
             if not sft.max_steps:
                 return {"model_dir": model_dir(init), "steps": 0}
             job = TrainJob(objective=SFTObjective(), model_dir=model_dir(init), output_dir=str(out / "model"),
                            data_path=str(data_path(data)), optim=sft.optim, epochs=10_000,
-                           max_steps=sft.max_steps, seed=sft.seed, log_path=str(out / "train_log.jsonl"),
-                           dev_eval=DevEval.from_config(sft, [p.prompt for p in dev], [str(p.answer) for p in dev],
-                                                        "synthetic", cfg.eval.max_new_tokens))
+                           max_steps=sft.max_steps, max_length=sft.max_length, seed=sft.seed,
+                           log_path=str(out / "train_log.jsonl"),
+                           dev_eval=DevEval.from_config(sft, [self.task.prompt(self.tokenizer, p.question) for p in dev],
+                                                        [p.gold for p in dev], self.task.answer_kind,
+                                                        cfg.eval.max_new_tokens))
             return self._train(job, out, "sft")
 
         return self.store.run(0, "sft", (sft, cfg.train, cfg.eval.max_new_tokens), [data, init], body)
@@ -172,7 +207,7 @@ class Pipeline:
     def sample(self, r: int, policy: StageResult) -> StageResult:
         """N chains per question on this round's slice of the answer-only pool."""
         cfg = self.cfg.sampling
-        pool = self.splits["pool"]
+        pool = self.splits.pool
         ids = [((r - 1) * cfg.questions_per_round + i) % len(pool) for i in range(cfg.questions_per_round)]
 
         def body(out: Path) -> dict[str, Any]:
@@ -182,10 +217,10 @@ class Pipeline:
         return self.store.run(r, "sample", (cfg, self.cfg.engine, self.cfg.seed), [policy], body)
 
     def grade(self, r: int, samples: StageResult) -> StageResult:
-        pool = dict(enumerate(self.splits["pool"]))
+        pool = dict(enumerate(self.splits.pool))
 
         def body(out: Path) -> dict[str, Any]:
-            graded = grade_samples(samples.rows(), pool)
+            graded = grade_samples(samples.rows(), pool, self.task)
             by_q: dict[int, set[bool]] = {}
             for row in graded:
                 by_q.setdefault(row["qid"], set()).add(row["correct"])
@@ -193,7 +228,7 @@ class Pipeline:
                     "sample_accuracy": sum(g["correct"] for g in graded) / max(len(graded), 1),
                     "mixed_questions": sum(len(v) == 2 for v in by_q.values()) / max(len(by_q), 1)}
 
-        return self.store.run(r, "grade", "synthetic", [samples], body)
+        return self.store.run(r, "grade", (self.task.answer_kind, self.task.name), [samples], body)
 
     def branch(self, r: int, graded: StageResult, policy: StageResult) -> StageResult:
         """Localise the first wrong step of each wrong chain and collect correct continuations before it."""
@@ -201,29 +236,29 @@ class Pipeline:
 
         def body(out: Path) -> dict[str, Any]:
             self.pool.use(model_dir(policy))
-            chains = wrong_chains(graded.rows(), self.decode, cfg.branch.max_wrong_per_question)
+            chains = wrong_chains(graded.rows(), self.step_ends, cfg.branch.max_wrong_per_question)
             start = time.perf_counter()
-            brancher = Brancher(cfg.branch, self.pool, self.is_correct, self.decode, cfg.sampling.temperature,
+            brancher = Brancher(cfg.branch, self.pool, self.task.is_correct, self.decode, cfg.sampling.temperature,
                                 cfg.sampling.top_p, cfg.sampling.max_new_tokens, derive_seed(cfg.seed, r, "branch"))
             rows = [branch_row(c, loc) for c, loc in zip(chains, brancher.localise(chains))]
             rollouts = sum(r["rollouts"] for r in rows)
-            return {"rows": write_rows(out, rows), "wrong_chains": len(rows),
-                    "localised": sum(r["first_wrong"] is not None for r in rows), "rollouts": rollouts,
+            return {"rows": write_rows(out, rows), "wrong_chains": len(rows), "rollouts": rollouts,
                     "rollouts_per_s": rollouts / max(time.perf_counter() - start, 1e-9),
-                    "mc_exact_agreement": agreement(rows) if cfg.branch.localiser == "mc" else None}
+                    **localisation_metrics(rows, cfg.branch.localiser, self.task.supports("exact_checker"))}
 
-        return self.store.run(r, "branch", (cfg.branch, cfg.sampling, cfg.engine, cfg.seed), [graded, policy], body)
+        fingerprint = (cfg.branch, cfg.sampling, cfg.engine, cfg.seed, cfg.task.step_delimiter)
+        return self.store.run(r, "branch", fingerprint, [graded, policy], body)
 
     def correct(self, r: int, graded: StageResult, policy: StageResult) -> StageResult:
         """LEMA: the round's mistakes (the policy's and `lema.mistake_models`'), corrected and filtered."""
         def chains(problems: list[tuple[int, Problem]], n: int) -> list[dict[str, Any]]:
             self.pool.use(model_dir(policy))
             sampling = replace(self.cfg.sampling, samples_per_question=n)
-            return sample_chains(self.pool, prompt_rows(problems, self.tokenizer), sampling,
+            return sample_chains(self.pool, prompt_rows(problems, self.tokenizer, self.task), sampling,
                                  derive_seed(self.cfg.seed, r, "correct", n))
 
         def body(out: Path) -> dict[str, Any]:
-            return run_correction(self.cfg, graded.rows(), dict(enumerate(self.splits["pool"])), out, chains)
+            return run_correction(self.cfg, self.task, graded.rows(), dict(enumerate(self.splits.pool)), out, chains)
 
         return self.store.run(r, "correct", correction_settings(self.cfg), [graded, policy], body)
 
@@ -242,13 +277,34 @@ class Pipeline:
                 cfg=cfg, round=r, worked=worked.rows(), graded=graded.rows() if graded else [],
                 branched=extra.rows() if method.branches else [],
                 corrections=extra.rows() if method.corrects else [], eos_id=self.tokenizer.eos_token_id,
-                decode=self.decode, encode=self.encode, provenance=provenance))
+                decode=self.decode, encode=self.encode, step_ends=self.step_ends, provenance=provenance))
             metrics: dict[str, Any] = {"rows": write_rows(out, rows)}
             if method.branches:
                 metrics["rollouts_per_pair"] = extra.metrics["rollouts"] / len(rows) if rows else None
+            if method.reference:  # preference pairs, also in TRL's format for other trainers
+                write_trl_jsonl(out / TRL_PAIRS_FILE, trl_rows(rows, self.decode_verbatim))
             return metrics
 
         return self.store.run(r, "build", (cfg.method, method.settings(cfg), cfg.branch, cfg.seed), inputs, body)
+
+    def read_pairs(self, r: int, init: StageResult) -> StageResult:
+        """The round's training set from an existing pairs file (`task.pairs_path`) instead of sampling: the
+        question through the task's prompt, bad rows set aside into rejected.jsonl."""
+        cfg = self.cfg
+        path = Path(cfg.task.pairs_path).resolve()
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder (task.pairs_path)")
+        stat = path.stat()
+
+        def body(out: Path) -> dict[str, Any]:
+            rows, rejected = load_preference_pairs(path, self.tokenizer, self.task, cfg.task.max_rejected_fraction)
+            write_trl_jsonl(out / TRL_PAIRS_FILE, trl_rows(rows, self.decode_verbatim))
+            log.info("round %d: %d pairs read from %s (%d rows set aside)", r, len(rows), path, len(rejected))
+            return {"rows": write_rows(out, [{**row, "round": r, "method": cfg.method} for row in rows]),
+                    **write_rejected(out, rejected)}
+
+        fingerprint = (str(path), stat.st_size, stat.st_mtime_ns, cfg.task, cfg.method)
+        return self.store.run(r, "build", fingerprint, [init], body)
 
     def reference(self, r: int, data: StageResult, policy: StageResult) -> StageResult:
         """pi_ref log-probs of every pair, once per round, by a Ray Data pass over the frozen policy."""
@@ -284,11 +340,11 @@ class Pipeline:
     def assessment_data(self, r: int, policy: StageResult) -> StageResult:
         """Chains sampled by the round's starting policy on dev questions, for assessment accuracy."""
         cfg = self.cfg
-        dev = self.splits["dev"][: cfg.eval.assessment_questions]
+        dev = self.splits.dev[: cfg.eval.assessment_questions]
 
         def body(out: Path) -> dict[str, Any]:
             samples, metrics = self._sample(list(enumerate(dev)), policy, derive_seed(cfg.seed, r, "assessment"))
-            graded = grade_samples(samples, dict(enumerate(dev)))
+            graded = grade_samples(samples, dict(enumerate(dev)), self.task)
             write_rows(out, graded, "samples.parquet")
             return {"rows": write_rows(out, assessment_rows(graded, self.tokenizer.eos_token_id)), **metrics}
 
@@ -332,16 +388,15 @@ class Pipeline:
 
     def evaluate(self, r: int, name: str, policy: StageResult) -> StageResult:
         """Greedy accuracy on the held-out test split."""
-        test = self.splits["test"]
+        test = self.splits.test
 
         def body(out: Path) -> dict[str, Any]:
             self.pool.use(model_dir(policy))
             start = time.perf_counter()
-            result = evaluate(self.pool, self.tokenizer, [p.question for p in test], [str(p.answer) for p in test],
-                              "synthetic", self.cfg.eval.max_new_tokens)
+            result = evaluate(self.pool, self.tokenizer, self.task, test, self.cfg.eval.max_new_tokens)
             write_rows(out, result.rows)
             log.info("round %d %s: accuracy %.3f on %d problems", r, name, result.accuracy, result.n)
-            return {"accuracy": result.accuracy, "n": result.n,
+            return {"accuracy": result.accuracy, "n": result.n, "set_aside": len(result.set_aside),
                     "tokens_per_s": result.generated_tokens / (time.perf_counter() - start)}
 
         return self.store.run(r, name, (self.cfg.eval.max_new_tokens, self.cfg.task, self.cfg.engine), [policy], body)
@@ -353,7 +408,7 @@ class Pipeline:
         """`sampling.samples_per_question` chains per problem from `policy`, and the throughput."""
         self.pool.use(model_dir(policy))
         start = time.perf_counter()
-        samples = sample_chains(self.pool, prompt_rows(problems, self.tokenizer), self.cfg.sampling, seed)
+        samples = sample_chains(self.pool, prompt_rows(problems, self.tokenizer, self.task), self.cfg.sampling, seed)
         tokens = sum(s["num_tokens"] for s in samples)
         return samples, {"generated_tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
 
@@ -373,7 +428,8 @@ class Pipeline:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The policy's tokenizer (training never changes it, so round 0's serves every round)."""
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(model_dir(self.init_stage))
+            self._tokenizer = AutoTokenizer.from_pretrained(model_dir(self.init_stage),
+                                                            trust_remote_code=self.cfg.engine.trust_remote_code)
         return self._tokenizer
 
     def encode(self, text: str) -> list[int]:
@@ -382,5 +438,10 @@ class Pipeline:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def is_correct(self, text: str, gold: str) -> bool:
-        return grade(text, gold, "synthetic").correct
+    def decode_verbatim(self, ids: list[int]) -> str:
+        """The text exactly as the model saw it, chat-template special tokens included."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def step_ends(self, ids: list[int]) -> list[int]:
+        """Exclusive token ends of the steps of a completion, as the task cuts them."""
+        return self.task.step_ends(ids, self.decode)

@@ -109,11 +109,11 @@ def resolve_model(model: str) -> Path:
 
 
 def run_examples(model: str, count: int) -> tuple[str | None, list[dict[str, str]]]:
-    """(the run's answer kind, a few held-out problems) when `model` is a raypipe run folder of the embedded task."""
+    """(the run's answer kind, a few of its held-out test problems) when `model` is a raypipe run folder."""
     config = Path(model).expanduser().resolve() / "config.yaml"
     if count <= 0 or not config.is_file():
         return None, []
-    from raypipe.data.synthetic import load_splits
+    from raypipe.tasks import make_task
 
-    test = load_splits(load_config(config).task)["test"][:count]
-    return "synthetic", [{"question": p.question, "answer": str(p.answer)} for p in test]
+    task = make_task(load_config(config).task)
+    return task.answer_kind, [{"question": p.question, "answer": p.gold} for p in task.splits.test[:count]]

@@ -58,6 +58,30 @@ def e2e_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"cfg": cfg, "summary": Pipeline(cfg).run()}
 
 
+def write_gsm8k_format(path: Path, problems: list, bad_rows: tuple[str, ...] = ()) -> Path:
+    """The synthetic task's problems reworded as GSM8K rows (a story question; working lines with calculator
+    annotations, then `#### N`), plus `bad_rows` written verbatim: a dataset a tiny model can learn."""
+    import json
+
+    names = ["Mia", "Tom", "Ana", "Raj"]
+    lines = []
+    for i, p in enumerate(problems):
+        name = names[i % len(names)]
+        values = [int(v) for v in p.question.replace(".", " ").split() if v.isdigit()]
+        verbs = [step.split()[3] for step in p.steps]
+        story = [f"{name} has {values[0]} marbles."]
+        story += [f"{name} finds {v} more." if op == "+" else f"{name} gives away {v}." for op, v in
+                  zip(verbs, values[1:])]
+        working = []
+        for step in p.steps:
+            a, op, b, _, c = step.split(": ")[1].split()
+            working.append(f"{a} {op} {b} = <<{a}{op}{b}={c}>>{c} marbles.")
+        lines.append(json.dumps({"question": " ".join(story) + f" How many marbles does {name} have now?",
+                                 "answer": "\n".join(working) + f"\n#### {p.answer}"}))
+    path.write_text("\n".join([*lines, *bad_rows]) + "\n")
+    return path
+
+
 SERVE_TOKEN = "test-token"
 SERVE_LIMITS = ["max_ongoing_requests=2", "max_queued_requests=2", "max_tokens=128", "max_request_bytes=20000"]
 

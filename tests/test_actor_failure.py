@@ -16,11 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raypipe.config import EngineConfig, TaskConfig
-from raypipe.data.synthetic import generate_split
 from raypipe.engines import SamplingSpec
 from raypipe.ray_env import init_ray
 from raypipe.rollout.generation import EnginePool, generate_rows
 from raypipe.rollout.sampling import prompt_rows
+from raypipe.tasks import make_task
 
 
 def _pid(handle: ray.actor.ActorHandle) -> int:
@@ -44,17 +44,21 @@ def test_a_killed_engine_actor_is_restarted_and_the_pass_completes(tiny_model_di
     init_ray(8)  # the session's Ray: later tests (the e2e run) need its 8 logical CPUs
     policy = _next_policy(tiny_model_dir, tmp_path / "round_1")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = prompt_rows(list(enumerate(generate_split(TaskConfig(), "test", 48))), tok)
+    task = make_task(TaskConfig(test_problems=144))
+    rows = prompt_rows(list(enumerate(task.splits.test)), tok, task)
     spec = SamplingSpec(n=2, temperature=1.0, max_tokens=32, seed=7)
-    pool = EnginePool(EngineConfig(batch_size=4, max_restarts=2))  # 12 batches: the kill lands between them
+    pool = EnginePool(EngineConfig(batch_size=4, max_restarts=2))  # 36 batches: the kill lands between them
     try:
         pool.use(str(tiny_model_dir)).use(str(policy))
         expected = generate_rows(pool, rows, spec)
+        start = time.perf_counter()
+        assert generate_rows(pool, rows, spec) == expected, "seeded passes repeat"
+        one_pass = time.perf_counter() - start  # warm: the first pass also paid for Ray Data's start
         first_pid = _pid(pool.handles[0])
         result: list[list[dict[str, Any]]] = []
         sampling = threading.Thread(target=lambda: result.append(generate_rows(pool, rows, spec)))
         sampling.start()
-        time.sleep(2.0)
+        time.sleep(0.3 * one_pass)  # a third of the way in: a fixed wait lands after the end on a fast machine
         assert sampling.is_alive(), "the pass ended before the kill: make it longer"
         ray.kill(pool.handles[0], no_restart=False)
         sampling.join(timeout=600)

@@ -10,17 +10,18 @@ from transformers import AutoTokenizer
 
 from raypipe.config import BranchConfig
 from raypipe.data.steps import step_token_ends
-from raypipe.data.synthetic import Problem, answer_line, first_wrong_step, generate_split
+from raypipe.data.synthetic import ArithmeticProblem, answer_line, first_wrong_step, parse_question
 from raypipe.grading import grade
-from raypipe.rollout.branching import Brancher, WrongChain, agreement, branch_row
+from raypipe.rollout.branching import Brancher, WrongChain, branch_row, localisation_metrics
 from raypipe.rollout.generation import EnginePool
 from raypipe.rollout.sampling import grade_samples, prompt_rows, sample_chains
+from raypipe.tasks import make_task
 
 K = 6
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def _plant_error(problem: Problem, k: int, rng: random.Random) -> str:
+def _plant_error(problem: ArithmeticProblem, k: int, rng: random.Random) -> str:
     """The true chain with step k's result off by 1-9; later steps compute correctly from the wrong value."""
     lines, value = [], None
     for i, step in enumerate(problem.steps, start=1):
@@ -39,9 +40,11 @@ def setup(e2e_run: dict):
     model = str(cfg.run_dir / "round_0" / "sft" / "model")
     tok = AutoTokenizer.from_pretrained(model)
     pool = EnginePool(cfg.engine).use(model)
-    problems = generate_split(cfg.task, "test", 40)
-    siblings = grade_samples(sample_chains(pool, prompt_rows(list(enumerate(problems)), tok), cfg.sampling, seed=0),
-                             dict(enumerate(problems)))
+    task = make_task(cfg.task)
+    records = dict(enumerate(task.splits.test[:40]))
+    problems = [parse_question(p.question) for p in records.values()]
+    siblings = grade_samples(sample_chains(pool, prompt_rows(list(records.items()), tok, task), cfg.sampling, seed=0),
+                             records, task)
     rng = random.Random(0)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     chains = []
@@ -74,7 +77,7 @@ def test_mc_localiser_finds_the_planted_error(setup, search: str) -> None:
     rows = [branch_row(c, loc) for c, loc in zip(chains, found)]
     usable = [r for r in rows if r["first_wrong"] is not None]
     assert len(usable) >= len(chains) // 2, "the SFT model solves most questions at least once (MC_0 > 0)"
-    assert agreement(rows) >= 0.8
+    assert localisation_metrics(rows, "mc", True)["mc_exact_agreement_localised"] >= 0.8
     for chain, loc in zip(chains, found):
         if loc.first_wrong is None:
             assert loc.mc[0] == 0 and loc.rollouts == 0

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raypipe.config import OptimConfig, RunConfig, TaskConfig, TrainConfig, load_config
-from raypipe.data.synthetic import Problem, load_splits, make_problem
+from raypipe.config import ConfigError, OptimConfig, RunConfig, TaskConfig, TrainConfig, load_config
+from raypipe.data.synthetic import ArithmeticProblem, load_splits, make_problem
 from raypipe.engines import SamplingSpec
 from raypipe.grading import extract_answer, is_equivalent
 from raypipe.lema.correct import correct_mistakes, correction_metrics, policy_mistakes
@@ -23,12 +23,14 @@ from raypipe.lema.format import (Correction, correction_input, corrector_prompt,
 from raypipe.methods import lema
 from raypipe.methods.base import BuildInputs
 from raypipe.ray_env import init_ray
+from raypipe.tasks import Problem, make_task
 from raypipe.train.objectives import SFTObjective
 from raypipe.train.trainer import TrainJob, run_training
 from raypipe.update_config import LoRAConfig
 
-PROBLEM = Problem("Start with 23. Add 45. Subtract 17. What is the result?",
-                  ("Step 1: 23 + 45 = 68", "Step 2: 68 - 17 = 51"), 51)
+PROBLEM = ArithmeticProblem("Start with 23. Add 45. Subtract 17. What is the result?",
+                            ("Step 1: 23 + 45 = 68", "Step 2: 68 - 17 = 51"), 51)
+SYNTHETIC = make_task(TaskConfig())
 
 
 @pytest.mark.parametrize("kind", ["synthetic", "gsm8k", "math"])
@@ -141,7 +143,7 @@ def test_a_model_corrector_is_parsed_filtered_and_accounted_for(tmp_path: Path) 
     mistakes = [{"qid": 0, "question": PROBLEM.question, "gold": "51", "source": "policy",
                  "completion": "Step 1: 23 + 45 = 68\nStep 2: 68 - 17 = 41\nThe answer is 41."}] * 2
     for chat in (False, True):
-        rows = correct_mistakes(mistakes, "synthetic", None, corrector, SamplingSpec(max_tokens=24), chat)
+        rows = correct_mistakes(mistakes, SYNTHETIC, {}, corrector, SamplingSpec(max_tokens=24), chat)
         assert len(rows) == 2 and all(r["status"] in {"kept", "wrong_final_answer", "no_final_answer",
                                                        "no_incorrect_step", "no_explanation", "no_correct_solution",
                                                        "unclosed_solution", "step_out_of_range"} for r in rows)
@@ -159,14 +161,16 @@ def test_correct_mistakes_filters_on_the_final_answer() -> None:
                  "completion": "Step 1: 23 + 45 = 68\nStep 2: 68 - 17 = 41\nThe answer is 41."},
                 {"qid": 0, "question": PROBLEM.question, "gold": "51", "source": "policy",
                  "completion": PROBLEM.solution}]
-    rows = correct_mistakes(mistakes, "synthetic", {0: PROBLEM}, None, SamplingSpec())
+    record = Problem(id=0, question=PROBLEM.question, gold=str(PROBLEM.answer))
+    rows = correct_mistakes(mistakes, SYNTHETIC, {0: record}, None, SamplingSpec())
     assert [r["status"] for r in rows] == ["kept", "nothing_to_correct"]
     assert rows[0]["predicted"] == "51" and rows[0]["incorrect_step"] == 2
     metrics = correction_metrics(rows)
     assert (metrics["kept"], metrics["corrections_parsed"], metrics["filter_pass_rate"]) == (1, 1, 1.0)
     assert metrics["not_kept_by_reason"] == {"nothing_to_correct": 1}
-    with pytest.raises(ValueError, match="exact corrector"):
-        correct_mistakes(mistakes, "synthetic", None, None, SamplingSpec())
+    dataset = make_task(TaskConfig(source="dataset", answer_kind="gsm8k"))
+    with pytest.raises(ConfigError, match="lema.corrector=exact needs an exact corrector, which the dataset task"):
+        correct_mistakes(mistakes, dataset, {0: record}, None, SamplingSpec())
 
 
 def test_training_rows_mix_cot_and_corrections_with_loss_on_outputs(tiny_model_dir: Path) -> None:

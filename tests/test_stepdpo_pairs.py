@@ -10,7 +10,7 @@ from raypipe.config import TaskConfig
 from raypipe.data.steps import COT_PREFILL, step_token_ends
 from raypipe.data.synthetic import first_wrong_step, generate_split
 from raypipe.methods.stepdpo import build_pairs
-from raypipe.rollout.branching import Localisation, WrongChain, agreement, branch_row, from_branch_row
+from raypipe.rollout.branching import Localisation, WrongChain, branch_row, from_branch_row, localisation_metrics
 
 SCHEMA = {"prompt", "initial_reason_steps", "chosen", "rejected", "full_chosen", "full_rejected", "answer"}
 
@@ -34,7 +34,8 @@ def test_pairs_have_the_schema_and_score_only_the_step(tiny_model_dir: Path) -> 
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     right = tok("".join(lines[1:]), add_special_tokens=False).input_ids
     loc = Localisation(first_wrong=2, mc={0: 0.5, 2: 0.0, 4: 0.0}, successes=[right, right], rollouts=8)
-    rows = build_pairs([chain], [loc], decode, max_pairs_per_wrong=2, provenance={"round": 1})
+    step_ends = lambda ids: step_token_ends([decode([t]) for t in ids])  # noqa: E731
+    rows = build_pairs([chain], [loc], decode, step_ends, max_pairs_per_wrong=2, provenance={"round": 1})
     assert len(rows) == 1, "identical successes give one pair"
     row = rows[0]
     assert SCHEMA <= row.keys()
@@ -50,7 +51,7 @@ def test_pairs_have_the_schema_and_score_only_the_step(tiny_model_dir: Path) -> 
         assert decode(ids[: mask.index(1)]) == problem.prompt + lines[0]
 
 
-def test_branch_rows_round_trip_and_agreement(tiny_model_dir: Path) -> None:
+def test_branch_rows_round_trip_and_localisation_metrics(tiny_model_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     problem = generate_split(TaskConfig(), "test", 1)[0]
     chain = _chain(tok, problem, "Step 1: 1 + 1 = 2\nThe answer is 2.")
@@ -59,4 +60,10 @@ def test_branch_rows_round_trip_and_agreement(tiny_model_dir: Path) -> None:
     assert back_chain.completion_ids == chain.completion_ids and back_loc == loc
     rows = [branch_row(chain, loc), branch_row(chain, Localisation(first_wrong=2)),
             branch_row(chain, Localisation(first_wrong=None))]
-    assert agreement(rows) == 0.5
+    metrics = localisation_metrics(rows, "mc", exact_checker=True)
+    assert metrics["localised"] == 2 and metrics["localised_fraction"] == 2 / 3
+    assert metrics["mc_exact_agreement"] == 1 / 3, "an unlocalised chain counts as a miss"
+    assert metrics["mc_exact_agreement_localised"] == 1 / 2
+    unchecked = localisation_metrics(rows, "mc", exact_checker=False)
+    assert unchecked["mc_exact_agreement"] is None and "no exact" in unchecked["mc_exact_agreement_why"]
+    assert unchecked["localised_fraction"] == 2 / 3

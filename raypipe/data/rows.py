@@ -134,6 +134,13 @@ def counts_by_reason(rejected: Iterable[dict[str, Any]]) -> dict[str, int]:
     return dict(Counter(r["reason"] for r in rejected).most_common())
 
 
+def write_rejected(out: Path, rejected: list[dict[str, Any]]) -> dict[str, Any]:
+    """`out`/rejected.jsonl (one record per set-aside row) and the counts a stage manifest reports."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejected))
+    return {"rejected": len(rejected), "rejected_by_reason": counts_by_reason(rejected)}
+
+
 def no_usable_rows(path: Path, rejected: list[dict[str, Any]], note: str = "") -> DataError:
     """The error for a file none of whose rows can be used, with the first row's reason (usually everyone's)."""
     first = (f"; first: row {rejected[0]['row']}, field '{rejected[0]['field']}': {rejected[0]['error']}"
@@ -177,3 +184,60 @@ def sort_rows(path: Path, raws: Iterable[RawRow], parse: Callable[[RawRow], dict
 def _short(value: Any, limit: int = 80) -> str:
     text = json.dumps(value, default=str)  # ASCII: a message must print on any terminal
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_records(path: Path) -> Iterator[RawRow]:
+    """The rows of a .jsonl / .parquet file, a `datasets.save_to_disk` folder, or `hf:NAME[:CONFIG]:SPLIT` (a hub
+    dataset, which needs a network); a file that cannot be read at all is a DataError naming it."""
+    if str(path).startswith("hf:"):
+        yield from _as_rows(_hub_dataset(str(path)))
+        return
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        yield from _as_rows(_hf_dataset(path))
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+        yield from _as_rows(table.to_pylist())
+    elif path.suffix in (".jsonl", ".json"):
+        yield from read_jsonl(path)
+    else:
+        raise DataError(f"{path}: unsupported format (use .jsonl, .parquet or a datasets.save_to_disk folder)")
+
+
+def _as_rows(records: Any) -> Iterator[RawRow]:
+    for number, record in enumerate(records, start=1):
+        yield RawRow(number, record, json.dumps(record, default=str))
+
+
+def _hf_dataset(path: Path) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading a Hugging Face dataset folder needs the `datasets` package") from None
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: not a datasets.save_to_disk folder ({err})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise DataError(f"{path}: holds several splits ({', '.join(dataset)}); point at one split's folder")
+    return dataset
+
+
+def _hub_dataset(spec: str) -> Any:
+    parts = spec[3:].split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise DataError(f"{spec}: write a hub dataset as hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    import datasets
+
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # offline, unknown name or split: the hub client raises many types
+        raise DataError(f"{spec}: cannot load the hub dataset ({type(err).__name__}: {err})") from None

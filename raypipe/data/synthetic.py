@@ -8,6 +8,7 @@ first wrong step of any chain is known exactly: the ground truth the Monte-Carlo
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from raypipe.config import TaskConfig
@@ -19,7 +20,7 @@ SPLITS = ("sft", "pool", "dev", "test")
 
 
 @dataclass(frozen=True)
-class Problem:
+class ArithmeticProblem:
     """One task instance: the question, its true step lines (without newlines) and the final answer."""
 
     question: str
@@ -45,7 +46,7 @@ def answer_line(answer: int | str) -> str:
     return f"The answer is {answer}."
 
 
-def make_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
+def make_problem(rng: random.Random, cfg: TaskConfig) -> ArithmeticProblem:
     value = rng.randint(cfg.operand_min, cfg.operand_max)
     clauses, steps = [f"Start with {value}."], []
     for k in range(1, rng.randint(cfg.num_steps_min, cfg.num_steps_max) + 1):
@@ -57,10 +58,31 @@ def make_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
         clauses.append(_VERBS[op].format(operand))
         steps.append(f"Step {k}: {value} {op} {operand} = {result}")
         value = result
-    return Problem(question=" ".join(clauses) + " What is the result?", steps=tuple(steps), answer=value)
+    return ArithmeticProblem(question=" ".join(clauses) + " What is the result?", steps=tuple(steps), answer=value)
 
 
-def generate_split(cfg: TaskConfig, split: str, n: int) -> list[Problem]:
+_CLAUSE = re.compile(r"(Start with|Add|Subtract|Multiply by) (\d+)\.")
+
+
+def parse_question(question: str) -> ArithmeticProblem | None:
+    """The problem a question of this task states (its true steps follow from the clauses); None when the text is
+    not one of this task's questions."""
+    clauses = _CLAUSE.findall(question)
+    if not clauses or clauses[0][0] != "Start with" or not question.rstrip().endswith("What is the result?"):
+        return None
+    value, steps = int(clauses[0][1]), []
+    for k, (verb, number) in enumerate(clauses[1:], start=1):
+        op = {"Add": "+", "Subtract": "-", "Multiply by": "*", "Start with": None}[verb]
+        if op is None:
+            return None
+        operand = int(number)
+        result = value + operand if op == "+" else value - operand if op == "-" else value * operand
+        steps.append(f"Step {k}: {value} {op} {operand} = {result}")
+        value = result
+    return ArithmeticProblem(question=question, steps=tuple(steps), answer=value)
+
+
+def generate_split(cfg: TaskConfig, split: str, n: int) -> list[ArithmeticProblem]:
     """`n` problems of one split. Splits use separate seeds and never share a question with dev or test."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -68,7 +90,7 @@ def generate_split(cfg: TaskConfig, split: str, n: int) -> list[Problem]:
     if split in ("sft", "pool"):
         held_out = {p.question for s in ("dev", "test") for p in generate_split(cfg, s, _size(cfg, s))}
     rng = random.Random(f"{cfg.seed}/{split}")
-    problems: list[Problem] = []
+    problems: list[ArithmeticProblem] = []
     seen: set[str] = set()
     while len(problems) < n:
         problem = make_problem(rng, cfg)
@@ -83,11 +105,11 @@ def _size(cfg: TaskConfig, split: str) -> int:
             "test": cfg.test_problems}[split]
 
 
-def load_splits(cfg: TaskConfig) -> dict[str, list[Problem]]:
+def load_splits(cfg: TaskConfig) -> dict[str, list[ArithmeticProblem]]:
     return {split: generate_split(cfg, split, _size(cfg, split)) for split in SPLITS}
 
 
-def first_wrong_step(problem: Problem, completion: str) -> int | None:
+def first_wrong_step(problem: ArithmeticProblem, completion: str) -> int | None:
     """The exact localiser: 1-based index of the first step line that is not the true one, None if all are.
 
     Step n+1 is the answer line; anything after it (or a missing line) counts as wrong there.

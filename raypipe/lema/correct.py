@@ -16,12 +16,11 @@ from typing import Any
 
 from raypipe.artifacts import write_rows
 from raypipe.config import RunConfig
-from raypipe.data.steps import format_prompt
-from raypipe.data.synthetic import Problem
 from raypipe.engines import SamplingSpec, TextGenerator, make_text_generator
-from raypipe.grading import grade, is_equivalent
-from raypipe.lema.exact import exact_correction
+from raypipe.grading import is_equivalent
 from raypipe.lema.format import Correction, corrector_prompt, final_answer, numbered_steps, parse_correction
+from raypipe.tasks import Problem, Task
+from raypipe.tasks.prompts import plain_prompt
 
 log = logging.getLogger(__name__)
 NEXT_SHOT = ("\n\nQuestion:",)
@@ -43,28 +42,29 @@ def policy_mistakes(graded: Sequence[dict[str, Any]], max_per_question: int) -> 
 
 
 def model_mistakes(generator: TextGenerator, name: str, questions: Sequence[tuple[int, Problem]],
-                   spec: SamplingSpec, kind: str, max_per_question: int) -> list[dict[str, Any]]:
-    """Wrong completions of another generator model on the same questions (LEMA collects from several)."""
-    outputs = generator.complete([format_prompt(p.question) for _, p in questions], spec)
-    graded = [{"qid": qid, "question": p.question, "gold": str(p.answer), "completion": text,
-               "correct": grade(text, str(p.answer), kind).correct}
+                   spec: SamplingSpec, task: Task, max_per_question: int) -> list[dict[str, Any]]:
+    """Wrong completions of another generator model on the same questions (LEMA collects from several), prompted
+    with the plain step-by-step prompt (a raw completion endpoint has no chat template of ours)."""
+    outputs = generator.complete([plain_prompt(p.question, task.cfg.instruction) for _, p in questions], spec)
+    graded = [{"qid": qid, "question": p.question, "gold": p.gold, "completion": text,
+               "correct": task.is_correct(text, p.gold)}
               for (qid, p), texts in zip(questions, outputs) for text in texts]
     return [{**m, "source": name} for m in policy_mistakes(graded, max_per_question)]
 
 
-def correct_mistakes(mistakes: Sequence[dict[str, Any]], kind: str, problems: dict[int, Problem] | None,
+def correct_mistakes(mistakes: Sequence[dict[str, Any]], task: Task, problems: dict[int, Problem],
                      corrector: TextGenerator | None, spec: SamplingSpec, chat: bool = False) -> list[dict[str, Any]]:
     """Each mistake with its correction fields and `status` ('kept' or the reason it is not usable).
 
-    `corrector` None means the exact corrector, which needs the task's `problems` (the embedded task); `chat`
-    sends the few-shot prompt as one user message instead of a raw completion."""
+    `corrector` None means the task's exact corrector (a task capability); `chat` sends the few-shot prompt as
+    one user message instead of a raw completion."""
+    kind = task.answer_kind
     steps = [numbered_steps(m["completion"]) for m in mistakes]
     if corrector is None:
-        if problems is None:
-            raise ValueError("the exact corrector only knows the embedded task's problems")
+        task.require("exact_corrector", "lema.corrector=exact", "use lema.corrector=model")
         found: list[Correction | str] = []
         for m in mistakes:
-            correction = exact_correction(problems[m["qid"]], m["completion"])
+            correction = task.exact_correction(problems[m["qid"]], m["completion"])
             found.append(correction if correction is not None else "nothing_to_correct")
     else:
         prompts = [corrector_prompt(kind, m["question"], s) for m, s in zip(mistakes, steps)]
@@ -106,14 +106,14 @@ def correction_settings(cfg: RunConfig) -> tuple[Any, ...]:
             cfg.engine, cfg.seed)
 
 
-def run_correction(cfg: RunConfig, graded: Sequence[dict[str, Any]], problems: dict[int, Problem], out: Path,
-                   sample: Callable[[list[tuple[int, Problem]], int], list[dict[str, Any]]]) -> dict[str, Any]:
+def run_correction(cfg: RunConfig, task: Task, graded: Sequence[dict[str, Any]], problems: dict[int, Problem],
+                   out: Path, sample: Callable[[list[tuple[int, Problem]], int], list[dict[str, Any]]]) -> dict[str, Any]:
     """The round's `correct` stage: mistakes of the policy (and `lema.mistake_models`), corrected and filtered,
     then, with `lema.evolve_questions`, those of evolved questions (`sample` draws the policy's chains for them);
     written to `out`; returns the manifest metrics (counts, pass rate, model-call usage)."""
     from raypipe.lema.evolve import evolve_and_correct
 
-    settings, kind = cfg.lema, "synthetic"
+    settings = cfg.lema
     mistakes = policy_mistakes(graded, settings.max_mistakes_per_question)
     questions = sorted({row["qid"] for row in graded})
     usage: dict[str, dict[str, int]] = {}
@@ -123,7 +123,7 @@ def run_correction(cfg: RunConfig, graded: Sequence[dict[str, Any]], problems: d
         name = f"model_{i}:{model_cfg.model}"
         generator = make_text_generator(model_cfg, cfg.engine, cfg.run_dir.resolve())
         try:
-            mistakes += model_mistakes(generator, name, [(q, problems[q]) for q in questions], spec, kind,
+            mistakes += model_mistakes(generator, name, [(q, problems[q]) for q in questions], spec, task,
                                        settings.max_mistakes_per_question)
             usage[name] = generator.usage.as_dict()
         finally:
@@ -133,11 +133,12 @@ def run_correction(cfg: RunConfig, graded: Sequence[dict[str, Any]], problems: d
         corrector = make_text_generator(settings.corrector_model, cfg.engine, cfg.run_dir.resolve())
     try:
         spec = SamplingSpec(max_tokens=settings.corrector_max_tokens, stop=NEXT_SHOT)
-        rows = correct_mistakes(mistakes, kind, problems, corrector, spec, settings.corrector_chat)
+        rows = correct_mistakes(mistakes, task, problems, corrector, spec, settings.corrector_chat)
         evolved: dict[str, Any] = {}
         if settings.evolve_questions:
             kept = [r for r in rows if r["status"] == "kept"]
-            more, evolved = evolve_and_correct(cfg, kept, problems, sample, corrector, spec, settings.corrector_chat)
+            more, evolved = evolve_and_correct(cfg, task, kept, problems, sample, corrector, spec,
+                                               settings.corrector_chat)
             rows += more
         if corrector is not None:
             usage["corrector"] = corrector.usage.as_dict()

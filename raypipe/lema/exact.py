@@ -6,14 +6,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from raypipe.data.synthetic import Problem, answer_line, first_wrong_step
+from raypipe.data.synthetic import ArithmeticProblem, answer_line, first_wrong_step
 from raypipe.lema.format import Correction, correction_input, numbered_steps
 
 CALCULATION = re.compile(r"^Step\s+\d+\s*:\s*(\d+)\s*([-+*])\s*(\d+)\s*=\s*(\d+)\s*$")
 VERBS = {"+": "add", "-": "subtract", "*": "multiply by"}
 
 
-def exact_correction(problem: Problem, completion: str) -> Correction | None:
+def exact_correction(problem: ArithmeticProblem, completion: str) -> Correction | None:
     """The correction of a wrong chain; None when every step is right (nothing to correct from a step)."""
     completion = "\n".join(line.strip() for line in completion.splitlines() if line.strip())  # as numbered_steps
     k = first_wrong_step(problem, completion)
@@ -31,7 +31,7 @@ def exact_correction(problem: Problem, completion: str) -> Correction | None:
     return Correction(k, explanation, tuple(true_lines[k - 1:]))
 
 
-def _explain(problem: Problem, written: str, k: int) -> str:
+def _explain(problem: ArithmeticProblem, written: str, k: int) -> str:
     n = len(problem.steps)
     if k == n + 1:
         return f"The answer must repeat the last result, {problem.answer}."
@@ -48,7 +48,7 @@ def _explain(problem: Problem, written: str, k: int) -> str:
     return f"{value} {op} {operand} is {result}, not {c}."
 
 
-def format_corpus(problems: Sequence[Problem]) -> list[str]:
+def format_corpus(problems: Sequence[ArithmeticProblem]) -> list[str]:
     """Correction examples of deliberately broken worked solutions (each kind of mistake in turn), so the tiny
     model's tokenizer learns the correction format's words (`model.extra_corpus: [lema]`)."""
     texts = []

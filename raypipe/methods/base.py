@@ -26,5 +26,7 @@ class BuildInputs:
     eos_id: int = 0
     decode: Callable[[list[int]], str] = str
     encode: Callable[[str], list[int]] = list
+    step_ends: Callable[[list[int]], list[int]] = lambda ids: [len(ids)] if ids else []
+    """Exclusive token ends of each step of a completion's ids, as the task cuts steps."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Added to every row: round, method, localiser, model version."""

@@ -9,15 +9,17 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from raypipe.data.synthetic import Problem
 from raypipe.methods.base import BuildInputs
+from raypipe.tasks import Problem, Task
 
 
-def sft_rows(problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
-    """Tokenise prompt and solution separately so the loss mask is exact at the boundary."""
+def sft_rows(problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase, task: Task) -> list[dict[str, Any]]:
+    """The task's prompt and the worked solution, tokenised separately so the loss mask is exact at the boundary."""
     rows = []
     for p in problems:
-        prompt_ids = tokenizer(p.prompt, add_special_tokens=False).input_ids
+        if p.solution is None:
+            raise ValueError(f"problem {p.id} has no worked solution to train on")
+        prompt_ids = task.prompt_ids(tokenizer, p.question)
         answer_ids = tokenizer(p.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         rows.append({"input_ids": prompt_ids + answer_ids,
                      "loss_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)})

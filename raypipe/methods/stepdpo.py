@@ -12,20 +12,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from raypipe.data.steps import COT_PREFILL, step_token_ends
+from raypipe.data.steps import COT_PREFILL
 from raypipe.methods.base import BuildInputs
 from raypipe.rollout.branching import Localisation, WrongChain, from_branch_row
 
 
-def first_step_ids(ids: list[int], decode: Callable[[list[int]], str]) -> list[int]:
-    """The ids of the first step of a continuation (up to and including its first newline)."""
-    ends = step_token_ends([decode([t]) for t in ids])
+def first_step_ids(ids: list[int], step_ends: Callable[[list[int]], list[int]]) -> list[int]:
+    """The ids of the first step of a continuation (up to and including its delimiter)."""
+    ends = step_ends(ids)
     return ids[: ends[0]] if ends else []
 
 
 def build_pairs(chains: Sequence[WrongChain], localisations: Sequence[Localisation],
-                decode: Callable[[list[int]], str], max_pairs_per_wrong: int,
-                provenance: dict[str, Any]) -> list[dict[str, Any]]:
+                decode: Callable[[list[int]], str], step_ends: Callable[[list[int]], list[int]],
+                max_pairs_per_wrong: int, provenance: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per distinct correct first step found from P_{k-1}, against the chain's wrong step k."""
     rows: list[dict[str, Any]] = []
     for chain, loc in zip(chains, localisations):
@@ -38,7 +38,7 @@ def build_pairs(chains: Sequence[WrongChain], localisations: Sequence[Localisati
         rejected = decode(rejected_ids)
         seen: set[str] = set()
         for success in loc.successes:
-            chosen_ids = first_step_ids(success, decode)
+            chosen_ids = first_step_ids(success, step_ends)
             chosen = decode(chosen_ids)
             if not chosen_ids or chosen == rejected or chosen in seen:
                 continue
@@ -73,4 +73,5 @@ def build(inputs: BuildInputs) -> list[dict[str, Any]]:
     if not inputs.branched:
         return []
     chains, locs = zip(*map(from_branch_row, inputs.branched))
-    return build_pairs(chains, locs, inputs.decode, inputs.cfg.branch.max_pairs_per_wrong, inputs.provenance)
+    return build_pairs(chains, locs, inputs.decode, inputs.step_ends, inputs.cfg.branch.max_pairs_per_wrong,
+                       inputs.provenance)

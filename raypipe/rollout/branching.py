@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from raypipe.config import BranchConfig
 from raypipe.engines.base import SamplingSpec, derive_seed
@@ -183,7 +184,25 @@ def from_branch_row(row: dict) -> tuple[WrongChain, Localisation]:
     return chain, loc
 
 
-def agreement(rows: list[dict]) -> float | None:
-    """Share of chains the localiser placed where the exact verifier puts the first wrong step."""
-    both = [r for r in rows if r["first_wrong"] is not None and r["exact_first_wrong"] is not None]
-    return sum(r["first_wrong"] == r["exact_first_wrong"] for r in both) / len(both) if both else None
+def localisation_metrics(rows: list[dict], localiser: str, exact_checker: bool) -> dict[str, Any]:
+    """How much of the round's wrong chains the localiser placed, and how well.
+
+    `localised_fraction`: localised chains / all wrong chains. Where the task has an exact checker and the
+    localiser is not that checker, `mc_exact_agreement` is the share of ALL wrong chains (with an exact first
+    wrong step) placed where the checker puts it (an unlocalised chain counts as a miss), and
+    `mc_exact_agreement_localised` the share over the localised ones only; otherwise both are None, with
+    `mc_exact_agreement_why`.
+    """
+    localised = [r for r in rows if r["first_wrong"] is not None]
+    out: dict[str, Any] = {"localised": len(localised),
+                           "localised_fraction": len(localised) / len(rows) if rows else None,
+                           "mc_exact_agreement": None, "mc_exact_agreement_localised": None}
+    if not exact_checker:
+        return {**out, "mc_exact_agreement_why": "the task has no exact first-wrong-step checker"}
+    if localiser == "exact":
+        return {**out, "mc_exact_agreement_why": "the localiser is the exact checker"}
+    checked = [r for r in rows if r["exact_first_wrong"] is not None]
+    hits = sum(r["first_wrong"] == r["exact_first_wrong"] for r in checked)
+    both = [r for r in checked if r["first_wrong"] is not None]
+    return {**out, "mc_exact_agreement": hits / len(checked) if checked else None,
+            "mc_exact_agreement_localised": hits / len(both) if both else None}

@@ -9,18 +9,17 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from raypipe.config import SamplingConfig
-from raypipe.data.steps import step_token_ends
-from raypipe.data.synthetic import Problem, first_wrong_step
 from raypipe.engines.base import SamplingSpec
-from raypipe.grading import grade
 from raypipe.rollout.branching import WrongChain
 from raypipe.rollout.generation import EnginePool, generate_rows
+from raypipe.tasks import Problem, Task
 
 
-def prompt_rows(problems: Sequence[tuple[int, Problem]], tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
-    """One generation row per question: its id, text, gold answer and prompt token ids."""
-    return [{"qid": qid, "question": p.question, "gold": str(p.answer),
-             "prompt_ids": tokenizer(p.prompt, add_special_tokens=False).input_ids} for qid, p in problems]
+def prompt_rows(problems: Sequence[tuple[int, Problem]], tokenizer: PreTrainedTokenizerBase,
+                task: Task) -> list[dict[str, Any]]:
+    """One generation row per question: its id, text, gold answer and prompt token ids (the task's prompt)."""
+    return [{"qid": qid, "question": p.question, "gold": p.gold, "prompt_ids": task.prompt_ids(tokenizer, p.question)}
+            for qid, p in problems]
 
 
 def sample_chains(pool: EnginePool, rows: Sequence[dict[str, Any]], cfg: SamplingConfig,
@@ -31,19 +30,19 @@ def sample_chains(pool: EnginePool, rows: Sequence[dict[str, Any]], cfg: Samplin
     return generate_rows(pool, rows, spec)
 
 
-def grade_samples(samples: Sequence[dict[str, Any]], problems: dict[int, Problem],
-                  kind: str = "synthetic") -> list[dict[str, Any]]:
-    """Add the grader's verdict and, for the synthetic task, the exact first wrong step of each sample."""
+def grade_samples(samples: Sequence[dict[str, Any]], problems: dict[int, Problem], task: Task) -> list[dict[str, Any]]:
+    """Add the task's verdict and, where the task has an exact checker, the exact first wrong step of each sample."""
     graded = []
+    exact_checker = task.supports("exact_checker")
     for row in samples:
-        verdict = grade(row["completion"], row["gold"], kind)
-        exact = first_wrong_step(problems[row["qid"]], row["completion"]) if kind == "synthetic" else None
+        verdict = task.grade(row["completion"], row["gold"])
+        exact = task.first_wrong_step(problems[row["qid"]], row["completion"]) if exact_checker else None
         graded.append({**row, "predicted": verdict.predicted, "correct": verdict.correct,
                        "grade_reason": verdict.reason, "exact_first_wrong": exact})
     return graded
 
 
-def wrong_chains(graded: Sequence[dict[str, Any]], decode: Callable[[list[int]], str],
+def wrong_chains(graded: Sequence[dict[str, Any]], step_ends: Callable[[list[int]], list[int]],
                  max_per_question: int) -> list[WrongChain]:
     """Distinct wrong chains (at most `max_per_question` each), with their correct siblings attached."""
     by_question: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -57,7 +56,7 @@ def wrong_chains(graded: Sequence[dict[str, Any]], decode: Callable[[list[int]],
             if row["correct"] or row["completion"] in seen or len(seen) >= max_per_question:
                 continue
             seen.add(row["completion"])
-            ends = step_token_ends([decode([t]) for t in row["completion_ids"]])
+            ends = step_ends(list(row["completion_ids"]))
             chains.append(WrongChain(
                 qid=qid, sample_idx=row["sample_idx"], question=row["question"], gold=row["gold"],
                 prompt_ids=row["prompt_ids"], completion_ids=row["completion_ids"], completion=row["completion"],
