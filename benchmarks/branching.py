@@ -78,8 +78,8 @@ def localise(chains: list[WrongChain], cfg: RunConfig, search: str, pool: Engine
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    brancher = Brancher(replace(cfg.branch, search=search), pool, make_task(cfg.task).is_correct, decode, cfg.sampling.temperature,
-                        cfg.sampling.top_p, cfg.sampling.max_new_tokens, seed)
+    brancher = Brancher(replace(cfg.branch, search=search), pool, pool.model_dir, make_task(cfg.task).is_correct,
+                        decode, cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_new_tokens, seed)
     start = time.perf_counter()
     found = brancher.localise(chains)
     seconds = time.perf_counter() - start
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         task = make_task(cfg.task)
         problems = list(enumerate(task.splits.pool[: args.questions]))
         start = time.perf_counter()
-        samples = sample_chains(pool, prompt_rows(problems, tokenizer, task), cfg.sampling,
+        samples = sample_chains(pool, model_dir, prompt_rows(problems, tokenizer, task), cfg.sampling,
                                 derive_seed(args.seed, "sample"))
         sample_seconds = time.perf_counter() - start
         graded = grade_samples(samples, dict(problems), task)

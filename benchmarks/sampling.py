@@ -71,7 +71,7 @@ def actor_direct(pool: EnginePool, prompts: list[list[int]], spec: SamplingSpec,
 def ray_data_stage(pool: EnginePool, rows: list[dict[str, Any]], spec: SamplingSpec) -> tuple[float, Outputs]:
     """The pipeline's sampling stage: a Ray Data `map_batches` pass over the pool."""
     start = time.perf_counter()
-    out = generate_rows(pool, rows, spec)
+    out = generate_rows(pool, pool.model_dir, rows, spec)
     return time.perf_counter() - start, [(r["num_tokens"], r["completion"]) for r in out]
 
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from raypipe.config import ConfigError, EngineConfig, describe, load_config
+from raypipe.config import ConfigError, EngineConfig, TaskConfig, describe, load_config
 from raypipe.data.benchmarks import DataError
 from raypipe.engines.text import EngineError
 
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-new-tokens", type=int, default=512, help="cap on each generated answer")
     ev.add_argument("--max-rejected-fraction", type=_fraction, default=1.0,
                     help="stop when more than this share of the rows is bad (default 1: evaluate the usable rows)")
+    ev.add_argument("--system-prompt", default=None, help="system message for a model with a chat template")
+    ev.add_argument("--instruction", default=None,
+                    help="line added after each question (as task.instruction), e.g. 'Please reason step by step.'")
     cmp = sub.add_parser("compare", help="every method from one SFT checkpoint, equal steps, several seeds")
     cmp.add_argument("config", help="comparison YAML, e.g. conf/compare.yaml")
     cmp.add_argument("overrides", nargs="*", help="dotted overrides of the comparison, e.g. seeds=[0,1]")
@@ -72,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             from raypipe.evaluate import run_benchmark_eval
 
             engine = EngineConfig(backend=args.backend, max_model_len=4096)
-            run_benchmark_eval(Path(args.model), Path(args.data), args.kind, args.limit, engine,
+            prompt = TaskConfig(source="dataset", answer_kind=args.kind, system_prompt=args.system_prompt,
+                                instruction=args.instruction)
+            run_benchmark_eval(Path(args.model), Path(args.data), prompt, args.limit, engine,
                                args.max_new_tokens, Path(args.out) if args.out else None, args.max_rejected_fraction)
         elif args.command == "serve":
             from raypipe.serve import serve_forever

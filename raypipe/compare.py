@@ -3,7 +3,7 @@ optimiser steps, over several seeds, against SFT continued for those steps (the 
 
 Each (seed, arm) is an ordinary pipeline run in `runs/<name>/seed_<s>/<arm>/`. The runs share what they have in
 common through the artefact store (`reuse_from`): round 0 (SFT, one checkpoint for all seeds, since SFT's seed is
-`sft.seed`), and per seed the round's samples, grades and the control. So every arm sees exactly the same
+`warmup.seed`), and per seed the round's samples, grades and the control. So every arm sees exactly the same
 sampled chains (the same sampling budget); Step-DPO additionally spends branching rollouts, reported separately.
 Selection of hyper-parameters, if any, belongs on the dev split: the reported accuracy is on the test split.
 """

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from raypipe.data_config import LEMAConfig, ReAlignConfig
-from raypipe.update_config import AFTConfig, ControlConfig, OptimConfig, PreferenceConfig, RFTConfig, VFTConfig
+from raypipe.update_config import AFTConfig, ControlConfig, OptimConfig, PreferenceConfig, RFTConfig, SFTConfig
 
 
 T = TypeVar("T")
@@ -194,8 +194,9 @@ class BranchConfig:
 
 
 @dataclass
-class SFTConfig:
-    """The initial SFT stage (tiny model only): train on the worked solutions until dev accuracy is mid-band."""
+class WarmupConfig:
+    """Round 0's warm-up SFT (the tiny model, or any model that needs it): train on the worked solutions until dev
+    accuracy is mid-band. Its stage is `round_0/sft`."""
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimiser for SFT."""
@@ -271,7 +272,7 @@ class RunConfig:
     """Where run folders live."""
     method: str = "stepdpo"
     """Training method of each round: 'sft', 'rft', 'dpo', 'ipo', 'stepdpo', 'aft' or 'lema' (settings in the section
-    of the same name; 'sft' uses `vft`); or the data stage 'realign' (section `realign`), which rewrites a
+    of the same name); or the data stage 'realign' (section `realign`), which rewrites a
     dataset instead of running rounds."""
     rounds: int = 1
     """Rounds of sample -> grade -> (branch) -> build -> (reference) -> train -> export -> evaluate."""
@@ -290,8 +291,8 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     branch: BranchConfig = field(default_factory=BranchConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    vft: VFTConfig = field(default_factory=VFTConfig)
     rft: RFTConfig = field(default_factory=RFTConfig)
     dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
     ipo: PreferenceConfig = field(default_factory=lambda: PreferenceConfig(beta=0.5))
@@ -363,7 +364,7 @@ def _validate(cfg: RunConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
-    lora_sections = [n for n in ("vft", "rft", "dpo", "ipo", "stepdpo", "aft", "lema") if getattr(cfg, n).lora.rank]
+    lora_sections = [n for n in ("sft", "rft", "dpo", "ipo", "stepdpo", "aft", "lema") if getattr(cfg, n).lora.rank]
     if lora_sections and cfg.train.zero_stage == 3:
         raise ConfigError(f"{lora_sections[0]}.lora.rank > 0 needs train.zero_stage <= 2 (LoRA under ZeRO-3 is not "
                           "supported here)")

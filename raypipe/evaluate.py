@@ -34,9 +34,9 @@ class EvalResult:
     """Questions never sent to the engine, as {qid, problem}: a prompt with no room for its answer in the context."""
 
 
-def evaluate(pool: EnginePool, tokenizer: PreTrainedTokenizerBase, task: Task, problems: Sequence[TaskProblem],
-             max_new_tokens: int) -> EvalResult:
-    """Greedy-decode every problem with the task's prompt and grade the final answers with its grader. A prompt
+def evaluate(pool: EnginePool, model_dir: str, tokenizer: PreTrainedTokenizerBase, task: Task,
+             problems: Sequence[TaskProblem], max_new_tokens: int) -> EvalResult:
+    """Greedy-decode every problem with `model_dir` with the task's prompt and grade the final answers with its grader. A prompt
     that leaves no room for `max_new_tokens` in the engine's context is set aside first (vLLM would fail the whole
     batch for it); the set-aside count is part of the result."""
     rows, set_aside = [], []
@@ -47,7 +47,7 @@ def evaluate(pool: EnginePool, tokenizer: PreTrainedTokenizerBase, task: Task, p
             rows.append({"qid": p.id, "question": p.question, "gold": p.gold, "prompt_ids": ids})
         else:
             set_aside.append({"qid": p.id, "problem": Problem("question", "prompt_too_long", why)})
-    outputs = generate_rows(pool, rows, SamplingSpec(n=1, temperature=0.0, max_tokens=max_new_tokens))
+    outputs = generate_rows(pool, model_dir, rows, SamplingSpec(n=1, temperature=0.0, max_tokens=max_new_tokens))
     graded = []
     for row in outputs:
         verdict = task.grade(row["completion"], row["gold"])
@@ -59,11 +59,13 @@ def evaluate(pool: EnginePool, tokenizer: PreTrainedTokenizerBase, task: Task, p
                       generated_tokens=sum(r["num_tokens"] for r in outputs), set_aside=set_aside)
 
 
-def run_benchmark_eval(model_dir: Path, data: Path, kind: str, limit: int | None, engine: EngineConfig,
+def run_benchmark_eval(model_dir: Path, data: Path, task_cfg: TaskConfig, limit: int | None, engine: EngineConfig,
                        max_new_tokens: int, out: Path | None, max_rejected_fraction: float = 1.0) -> EvalResult:
-    """`raypipe eval`: accuracy of any local HF model directory on a JSONL benchmark. Bad rows and prompts too long
-    for the model are set aside into `out`/rejected.jsonl, counted by reason in `out`/manifest.json; more than
+    """`raypipe eval`: accuracy of any local HF model directory on a JSONL benchmark, prompted and graded as a run's
+    task would be (`task_cfg`: answer kind, system prompt, instruction). Bad rows and prompts too long for the model
+    are set aside into `out`/rejected.jsonl, counted by reason in `out`/manifest.json; more than
     `max_rejected_fraction` of the file's rows bad is an error before any model runs."""
+    kind = task_cfg.answer_kind or "synthetic"
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     require_safetensors(model_dir)
@@ -73,12 +75,12 @@ def run_benchmark_eval(model_dir: Path, data: Path, kind: str, limit: int | None
         raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a question in the model's context "
                           f"of {engine.max_model_len} tokens")
     init_ray(8, use_gpu=engine.num_gpus > 0)
-    pool = EnginePool(engine).use(str(model_dir))
+    pool = EnginePool(engine)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=engine.trust_remote_code)
-        task = make_task(TaskConfig(source="dataset", answer_kind=kind))  # its prompt and grader, not its files
+        task = make_task(task_cfg)  # its prompt and grader (the rows come from `data`)
         problems = [TaskProblem(id=i, question=r["question"], gold=r["gold"]) for i, r in enumerate(loaded.rows)]
-        result = evaluate(pool, tokenizer, task, problems, max_new_tokens)
+        result = evaluate(pool, str(model_dir), tokenizer, task, problems, max_new_tokens)
     finally:
         pool.shutdown()
     for row in result.rows:  # where each prediction's question is in the file

@@ -76,10 +76,15 @@ def check_task(cfg: RunConfig, task: Task) -> None:
         task.require("exact_corrector", "lema.corrector=exact", "use lema.corrector=model")
     if method.corrects and cfg.lema.evolve_questions:
         task.require("question_evolver", "lema.evolve_questions > 0", "set it to 0")
-    if cfg.sft.max_steps and not (splits.worked and splits.dev):
-        raise ConfigError("the round-0 warm-up (sft.max_steps > 0) needs worked solutions and dev problems "
+    if cfg.warmup.max_steps and not (splits.worked and splits.dev):
+        raise ConfigError("the round-0 warm-up (warmup.max_steps > 0) needs worked solutions and dev problems "
                           f"(this task has {len(splits.worked)} and {len(splits.dev)}): set task.train_path, or "
-                          "sft.max_steps=0 for a model that needs no warm-up")
+                          "warmup.max_steps=0 for a model that needs no warm-up")
+    control = cfg.control.enabled and cfg.method != "sft"
+    if (method.uses_worked or control) and not splits.worked:
+        needs = f"method {cfg.method}" if method.uses_worked else "the continued-SFT control (control.enabled)"
+        raise ConfigError(f"{needs} trains on worked solutions, and this task has none: set task.train_path with "
+                          "more than 0 task.sft_problems" + ("" if method.uses_worked else ", or control.enabled=false"))
     if method.samples and not splits.pool and not cfg.task.pairs_path:
         raise ConfigError(f"method {cfg.method} samples on the answer-only pool, and this task's pool is empty "
                           "(set task.pool_path, task.train_path with more than task.sft_problems rows, or task.pairs_path to "
@@ -185,22 +190,22 @@ class Pipeline:
 
     def sft(self, data: StageResult, init: StageResult) -> StageResult:
         """Train on the worked solutions until dev accuracy is mid-band (or plateaus)."""
-        cfg, sft = self.cfg, self.cfg.sft
+        cfg, warmup = self.cfg, self.cfg.warmup
         dev = self.splits.dev
 
         def body(out: Path) -> dict[str, Any]:
-            if not sft.max_steps:
+            if not warmup.max_steps:
                 return {"model_dir": model_dir(init), "steps": 0}
             job = TrainJob(objective=SFTObjective(), model_dir=model_dir(init), output_dir=str(out / "model"),
-                           data_path=str(data_path(data)), optim=sft.optim, epochs=10_000,
-                           max_steps=sft.max_steps, max_length=sft.max_length, seed=sft.seed,
+                           data_path=str(data_path(data)), optim=warmup.optim, epochs=10_000,
+                           max_steps=warmup.max_steps, max_length=warmup.max_length, seed=warmup.seed,
                            log_path=str(out / "train_log.jsonl"),
-                           dev_eval=DevEval.from_config(sft, [self.task.prompt(self.tokenizer, p.question) for p in dev],
+                           dev_eval=DevEval.from_config(warmup, [self.task.prompt(self.tokenizer, p.question) for p in dev],
                                                         [p.gold for p in dev], self.task.answer_kind,
                                                         cfg.eval.max_new_tokens))
             return self._train(job, out, "sft")
 
-        return self.store.run(0, "sft", (sft, cfg.train, cfg.eval.max_new_tokens), [data, init], body)
+        return self.store.run(0, "sft", (warmup, cfg.train, cfg.eval.max_new_tokens), [data, init], body)
 
     # ---- round r -----------------------------------------------------------------------------------------
 
@@ -235,11 +240,11 @@ class Pipeline:
         cfg = self.cfg
 
         def body(out: Path) -> dict[str, Any]:
-            self.pool.use(model_dir(policy))
             chains = wrong_chains(graded.rows(), self.step_ends, cfg.branch.max_wrong_per_question)
             start = time.perf_counter()
-            brancher = Brancher(cfg.branch, self.pool, self.task.is_correct, self.decode, cfg.sampling.temperature,
-                                cfg.sampling.top_p, cfg.sampling.max_new_tokens, derive_seed(cfg.seed, r, "branch"))
+            brancher = Brancher(cfg.branch, self.pool, model_dir(policy), self.task.is_correct, self.decode,
+                                cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_new_tokens,
+                                derive_seed(cfg.seed, r, "branch"))
             rows = [branch_row(c, loc) for c, loc in zip(chains, brancher.localise(chains))]
             rollouts = sum(r["rollouts"] for r in rows)
             return {"rows": write_rows(out, rows), "wrong_chains": len(rows), "rollouts": rollouts,
@@ -252,9 +257,8 @@ class Pipeline:
     def correct(self, r: int, graded: StageResult, policy: StageResult) -> StageResult:
         """LEMA: the round's mistakes (the policy's and `lema.mistake_models`'), corrected and filtered."""
         def chains(problems: list[tuple[int, Problem]], n: int) -> list[dict[str, Any]]:
-            self.pool.use(model_dir(policy))
             sampling = replace(self.cfg.sampling, samples_per_question=n)
-            return sample_chains(self.pool, prompt_rows(problems, self.tokenizer, self.task), sampling,
+            return sample_chains(self.pool, model_dir(policy), prompt_rows(problems, self.tokenizer, self.task), sampling,
                                  derive_seed(self.cfg.seed, r, "correct", n))
 
         def body(out: Path) -> dict[str, Any]:
@@ -291,10 +295,11 @@ class Pipeline:
         """The round's training set from an existing pairs file (`task.pairs_path`) instead of sampling: the
         question through the task's prompt, bad rows set aside into rejected.jsonl."""
         cfg = self.cfg
-        path = Path(cfg.task.pairs_path).resolve()
-        if not path.exists():
+        hub = cfg.task.pairs_path.startswith("hf:")  # type: ignore[union-attr]
+        path = Path(cfg.task.pairs_path) if hub else Path(cfg.task.pairs_path).resolve()  # type: ignore[arg-type]
+        if not hub and not path.exists():
             raise DataError(f"{path}: no such file or folder (task.pairs_path)")
-        stat = path.stat()
+        version = (None, None) if hub else (path.stat().st_size, path.stat().st_mtime_ns)  # a changed file reruns
 
         def body(out: Path) -> dict[str, Any]:
             rows, rejected = load_preference_pairs(path, self.tokenizer, self.task, cfg.task.max_rejected_fraction)
@@ -303,7 +308,7 @@ class Pipeline:
             return {"rows": write_rows(out, [{**row, "round": r, "method": cfg.method} for row in rows]),
                     **write_rejected(out, rejected)}
 
-        fingerprint = (str(path), stat.st_size, stat.st_mtime_ns, cfg.task, cfg.method)
+        fingerprint = (str(path), version, cfg.task, cfg.method)
         return self.store.run(r, "build", fingerprint, [init], body)
 
     def reference(self, r: int, data: StageResult, policy: StageResult) -> StageResult:
@@ -364,7 +369,7 @@ class Pipeline:
                                           use_gpu=self.cfg.train.use_gpu, max_length=max_length)
             scored = dataset.to_pandas()
             write_rows(out, scored.to_dict("records"))
-            qids, positive = scored["question_id"].tolist(), scored["positive"].tolist()
+            qids, positive = scored["qid"].tolist(), scored["positive"].tolist()
             return {f"assessment_{name}": assessment_accuracy(qids, positive, scored[f"{name}_cand_logps"].tolist())
                     for name in ("before", "after")}
 
@@ -379,21 +384,20 @@ class Pipeline:
             if not steps:
                 return {"model_dir": model_dir(previous), "steps": 0}
             job = TrainJob(objective=SFTObjective(), model_dir=model_dir(previous), output_dir=str(out / "model"),
-                           data_path=str(data_path(worked)), optim=cfg.vft.optim, epochs=10_000, max_steps=steps,
-                           max_length=cfg.vft.max_length, seed=cfg.seed + r, log_path=str(out / "train_log.jsonl"),
-                           lora=cfg.vft.lora)
+                           data_path=str(data_path(worked)), optim=cfg.sft.optim, epochs=10_000, max_steps=steps,
+                           max_length=cfg.sft.max_length, seed=cfg.seed + r, log_path=str(out / "train_log.jsonl"),
+                           lora=cfg.sft.lora)
             return self._train(job, out, f"round_{r}/control")
 
-        return self.store.run(r, "control", (cfg.vft, steps, cfg.train, cfg.seed), [previous, worked], body)
+        return self.store.run(r, "control", (cfg.sft, steps, cfg.train, cfg.seed), [previous, worked], body)
 
     def evaluate(self, r: int, name: str, policy: StageResult) -> StageResult:
         """Greedy accuracy on the held-out test split."""
         test = self.splits.test
 
         def body(out: Path) -> dict[str, Any]:
-            self.pool.use(model_dir(policy))
             start = time.perf_counter()
-            result = evaluate(self.pool, self.tokenizer, self.task, test, self.cfg.eval.max_new_tokens)
+            result = evaluate(self.pool, model_dir(policy), self.tokenizer, self.task, test, self.cfg.eval.max_new_tokens)
             write_rows(out, result.rows)
             log.info("round %d %s: accuracy %.3f on %d problems", r, name, result.accuracy, result.n)
             return {"accuracy": result.accuracy, "n": result.n, "set_aside": len(result.set_aside),
@@ -406,9 +410,9 @@ class Pipeline:
     def _sample(self, problems: list[tuple[int, Problem]], policy: StageResult,
                 seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """`sampling.samples_per_question` chains per problem from `policy`, and the throughput."""
-        self.pool.use(model_dir(policy))
         start = time.perf_counter()
-        samples = sample_chains(self.pool, prompt_rows(problems, self.tokenizer, self.task), self.cfg.sampling, seed)
+        samples = sample_chains(self.pool, model_dir(policy), prompt_rows(problems, self.tokenizer, self.task),
+                                self.cfg.sampling, seed)
         tokens = sum(s["num_tokens"] for s in samples)
         return samples, {"generated_tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
 

@@ -65,7 +65,7 @@ def _continued_sft_optim() -> OptimConfig:
 
 
 @dataclass
-class VFTConfig(UpdateConfig):
+class SFTConfig(UpdateConfig):
     """Continued SFT on the worked solutions: the `sft` method (VFT), and the control every method is compared with.
     The control trains exactly as many optimiser steps as the method it accompanies."""
 
@@ -120,7 +120,7 @@ class AFTConfig(UpdateConfig):
 
 @dataclass
 class ControlConfig:
-    """The honest baseline: SFT continued on its own data (`vft` settings) for the same steps as the method."""
+    """The honest baseline: SFT continued on its own data (`sft` settings) for the same steps as the method."""
 
     enabled: bool = True
     """Train and evaluate the control every round (never for method 'sft', which is the control)."""

@@ -28,9 +28,8 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from raypipe.data.steps import COT_PREFILL
 from raypipe.grading import grade
-from serving.settings import TOKEN_ENV, ServeConfig, load_serve_config, resolve_model, run_examples
+from serving.settings import TOKEN_ENV, RunTask, ServeConfig, load_serve_config, resolve_model, run_task
 
 log = logging.getLogger(__name__)
 MAX_N = 8
@@ -190,11 +189,13 @@ def llm_config(cfg: ServeConfig, model_dir: Path, gpu: bool) -> LLMConfig:
     )
 
 
-def demo_page(cfg: ServeConfig, examples: list[dict[str, str]]) -> str:
-    """The page with what its script needs: the model name, the prompt's step-by-step pre-fill, the examples."""
+def demo_page(cfg: ServeConfig, run: RunTask) -> str:
+    """The page with what its script needs: the model name, the run's system prompt and instruction (the page asks
+    /v1/chat/completions with the messages `raypipe.tasks.prompts.chat_messages` builds, so the model's chat
+    template renders the prompt the run trained and evaluated on), and the examples."""
     page = resources.files("serving").joinpath("demo.html").read_text()
-    settings = {"model": cfg.model_id, "prefill": COT_PREFILL, "maxTokens": min(256, cfg.max_tokens),
-                "examples": examples}
+    settings = {"model": cfg.model_id, "system": run.system_prompt, "instruction": run.instruction,
+                "maxTokens": min(256, cfg.max_tokens), "examples": run.examples}
     return page.replace("/*RAYPIPE_SETTINGS*/{}", json.dumps(settings).replace("</", "<\\/"))
 
 
@@ -204,8 +205,8 @@ def build_app(args: dict[str, Any]) -> Application:
 
     cfg = load_serve_config(args)
     model_dir = resolve_model(cfg.model)
-    run_kind, examples = run_examples(cfg.model, cfg.examples)
-    answer_kind = cfg.answer_kind if cfg.answer_kind != "auto" else (run_kind or "math")
+    run = run_task(cfg.model, cfg.examples)
+    answer_kind = cfg.answer_kind if cfg.answer_kind != "auto" else (run.answer_kind or "math")
     llm = llm_config(cfg, model_dir, on_gpu(cfg.device))
     ingress, _ = ingress_deployment(cfg)
     token = os.environ.get(TOKEN_ENV)
@@ -219,4 +220,4 @@ def build_app(args: dict[str, Any]) -> Application:
     return serve.deployment(ingress, name="RaypipeIngress", **options).bind(
         llm_deployments={cfg.model_id: build_llm_deployment(llm)},
         model_cards={cfg.model_id: to_model_metadata(cfg.model_id, llm)},
-        settings=asdict(cfg), answer_kind=answer_kind, page=demo_page(cfg, examples))
+        settings=asdict(cfg), answer_kind=answer_kind, page=demo_page(cfg, run))

@@ -7,7 +7,7 @@ command line; both are checked here, so a typo is a ConfigError naming the key, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +108,25 @@ def resolve_model(model: str) -> Path:
     return found
 
 
-def run_examples(model: str, count: int) -> tuple[str | None, list[dict[str, str]]]:
-    """(the run's answer kind, a few of its held-out test problems) when `model` is a raypipe run folder."""
+@dataclass
+class RunTask:
+    """What the demo page takes from the raypipe run it serves: how answers are graded, how a question becomes the
+    chat it was trained on, and a few held-out problems to try."""
+
+    answer_kind: str | None = None
+    system_prompt: str | None = None
+    instruction: str | None = None
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+def run_task(model: str, count: int) -> RunTask:
+    """The served run's task settings when `model` is a raypipe run folder; empty for a bare model folder."""
     config = Path(model).expanduser().resolve() / "config.yaml"
-    if count <= 0 or not config.is_file():
-        return None, []
+    if not config.is_file():
+        return RunTask()
     from raypipe.tasks import make_task
 
-    task = make_task(load_config(config).task)
-    return task.answer_kind, [{"question": p.question, "answer": p.gold} for p in task.splits.test[:count]]
+    task_cfg = load_config(config).task
+    task = make_task(task_cfg)
+    examples = [{"question": p.question, "answer": p.gold} for p in task.splits.test[:count]] if count > 0 else []
+    return RunTask(task.answer_kind, task_cfg.system_prompt, task_cfg.instruction, examples)

@@ -37,7 +37,7 @@ E2E_OVERRIDES = [
     # an easier task and small sizes: a model that learns in about a minute, a round that takes a few more
     "task.num_steps_min=2", "task.num_steps_max=2", "task.operand_max=30", "task.sft_problems=2000",
     "task.pool_questions=400", "task.dev_problems=100", "task.test_problems=100",
-    "sft.target_accuracy=0.5", "sft.max_steps=1500", "sft.eval_every_steps=50", "sft.optim.warmup_steps=50",
+    "warmup.target_accuracy=0.5", "warmup.max_steps=1500", "warmup.eval_every_steps=50", "warmup.optim.warmup_steps=50",
     "sampling.questions_per_round=48", "sampling.samples_per_question=6", "sampling.max_new_tokens=48",
     "branch.rollouts=6", "eval.max_new_tokens=48", "engine.batch_size=128", "wandb.mode=offline",
     "model.extra_corpus=[lema]",  # so test_lema's round can start from this run's SFT checkpoint

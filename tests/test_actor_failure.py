@@ -49,14 +49,14 @@ def test_a_killed_engine_actor_is_restarted_and_the_pass_completes(tiny_model_di
     spec = SamplingSpec(n=2, temperature=1.0, max_tokens=32, seed=7)
     pool = EnginePool(EngineConfig(batch_size=4, max_restarts=2))  # 36 batches: the kill lands between them
     try:
-        pool.use(str(tiny_model_dir)).use(str(policy))
-        expected = generate_rows(pool, rows, spec)
+        pool.use(str(tiny_model_dir))  # started on one model: the pass below switches it to the policy
+        expected = generate_rows(pool, str(policy), rows, spec)
         start = time.perf_counter()
-        assert generate_rows(pool, rows, spec) == expected, "seeded passes repeat"
+        assert generate_rows(pool, str(policy), rows, spec) == expected, "seeded passes repeat"
         one_pass = time.perf_counter() - start  # warm: the first pass also paid for Ray Data's start
         first_pid = _pid(pool.handles[0])
         result: list[list[dict[str, Any]]] = []
-        sampling = threading.Thread(target=lambda: result.append(generate_rows(pool, rows, spec)))
+        sampling = threading.Thread(target=lambda: result.append(generate_rows(pool, str(policy), rows, spec)))
         sampling.start()
         time.sleep(0.3 * one_pass)  # a third of the way in: a fixed wait lands after the end on a fast machine
         assert sampling.is_alive(), "the pass ended before the kill: make it longer"

@@ -39,12 +39,12 @@ def setup(e2e_run: dict):
     cfg = e2e_run["cfg"]
     model = str(cfg.run_dir / "round_0" / "sft" / "model")
     tok = AutoTokenizer.from_pretrained(model)
-    pool = EnginePool(cfg.engine).use(model)
+    pool = EnginePool(cfg.engine)
     task = make_task(cfg.task)
     records = dict(enumerate(task.splits.test[:40]))
     problems = [parse_question(p.question) for p in records.values()]
-    siblings = grade_samples(sample_chains(pool, prompt_rows(list(records.items()), tok, task), cfg.sampling, seed=0),
-                             records, task)
+    samples = sample_chains(pool, model, prompt_rows(list(records.items()), tok, task), cfg.sampling, seed=0)
+    siblings = grade_samples(samples, records, task)
     rng = random.Random(0)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     chains = []
@@ -65,7 +65,7 @@ def setup(e2e_run: dict):
 
 
 def _brancher(cfg, pool, decode, search: str) -> Brancher:
-    return Brancher(BranchConfig(localiser="mc", search=search, rollouts=K), pool,
+    return Brancher(BranchConfig(localiser="mc", search=search, rollouts=K), pool, pool.model_dir,
                     lambda text, gold: grade(text, gold, "synthetic").correct, decode,
                     cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_new_tokens)
 
@@ -92,7 +92,7 @@ def test_mc_localiser_finds_the_planted_error(setup, search: str) -> None:
 
 def test_exact_localiser_rectifies_from_the_last_good_prefix(setup) -> None:
     cfg, pool, decode, chains = setup
-    brancher = Brancher(BranchConfig(localiser="exact", rectify_samples=K), pool,
+    brancher = Brancher(BranchConfig(localiser="exact", rectify_samples=K), pool, pool.model_dir,
                         lambda text, gold: grade(text, gold, "synthetic").correct, decode,
                         cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_new_tokens)
     found = brancher.localise(chains)

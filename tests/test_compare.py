@@ -50,7 +50,7 @@ def test_a_small_comparison_runs_end_to_end(e2e_run: dict, tmp_path: Path) -> No
     sft_model = e2e_run["cfg"].run_dir / "round_0" / "sft" / "model"
     cmp = CompareConfig(
         name="cmp", output_dir=str(tmp_path), base=str(ROOT / "conf/quickstart.yaml"), seeds=[0, 1], round_steps=4,
-        base_overrides=[*E2E_OVERRIDES, f"model.path={sft_model}", "sft.max_steps=0", "wandb.mode=disabled",
+        base_overrides=[*E2E_OVERRIDES, f"model.path={sft_model}", "warmup.max_steps=0", "wandb.mode=disabled",
                         "eval.assessment_questions=24", "sampling.questions_per_round=32"],
         arms={"aft-dc": ArmConfig(method="aft", overrides=["aft.constraint=dc"]),
               "aft-rank": ArmConfig(method="aft", overrides=["aft.constraint=rank"])})

@@ -58,7 +58,7 @@ def test_sft_method_trains_on_the_worked_set_only() -> None:
 def test_rft_adds_distinct_correct_chains_capped_per_question() -> None:
     rows = METHODS["rft"].build(inputs("rft", **{"rft.max_per_question": 1}))
     own = [r for r in rows if r["source"] == "self"]
-    assert len(rows) == len(WORKED) + 2 and [r["question_id"] for r in own] == [0, 1]
+    assert len(rows) == len(WORKED) + 2 and [r["qid"] for r in own] == [0, 1]
     assert all(r["input_ids"][-1] == EOS and r["round"] == 1 for r in own)
     assert len(METHODS["rft"].build(inputs("rft"))) == len(WORKED) + 4
 
@@ -68,13 +68,13 @@ def test_rft_rows_keep_their_provenance_on_disk(tmp_path) -> None:
 
     write_rows(tmp_path, METHODS["rft"].build(inputs("rft")))
     own = [r for r in read_rows(tmp_path) if r["source"] == "self"]
-    assert own and all(r["question_id"] is not None and r["round"] == 1 and r["method"] == "rft" for r in own)
+    assert own and all(r["qid"] is not None and r["round"] == 1 and r["method"] == "rft" for r in own)
 
 
 @pytest.mark.parametrize("method", ["dpo", "ipo"])
 def test_whole_answer_pairs_need_a_right_and_a_wrong_answer(method: str) -> None:
     rows = METHODS[method].build(inputs(method))
-    assert {r["question_id"] for r in rows} == {0}, "questions 1 (all right) and 2 (all wrong) give no pair"
+    assert {r["qid"] for r in rows} == {0}, "questions 1 (all right) and 2 (all wrong) give no pair"
     assert [r["rejected"] for r in rows] == ["wrong a", "wrong b"]
     assert all(r["chosen"].startswith("right") for r in rows)
     assert rows[0]["rejected_ids"][-1] == EOS and rows[1]["rejected_ids"][-1] != EOS
@@ -85,7 +85,7 @@ def test_whole_answer_pairs_need_a_right_and_a_wrong_answer(method: str) -> None
 
 def test_aft_rows_hold_every_question_with_ranks_and_a_worked_solution() -> None:
     rows = METHODS["aft"].build(inputs("aft"))
-    assert [r["question_id"] for r in rows] == [0, 1, 2], "one-sided questions still train L_VFT"
+    assert [r["qid"] for r in rows] == [0, 1, 2], "one-sided questions still train L_VFT"
     first = rows[0]
     assert first["cand_positive"] == [True, True, False, False]
     assert first["cand_rank"] == [POSITIVE_RANK, POSITIVE_RANK, 2, 1], "negatives rank by how far they got"
@@ -103,7 +103,7 @@ def test_aft_needs_worked_solutions() -> None:
 
 def test_assessment_rows_and_accuracy() -> None:
     rows = assessment_rows(GRADED, EOS)
-    assert {r["question_id"] for r in rows} == {0} and len(rows) == 4
+    assert {r["qid"] for r in rows} == {0} and len(rows) == 4
     # question 0: right chains score -1 and -3, wrong ones -2 and -4: 3 of 4 pairs in the right order
     assert assessment_accuracy([0, 0, 0, 0, 1], [True, True, False, False, True],
                                [-1.0, -3.0, -2.0, -4.0, 0.0]) == pytest.approx(0.75)
@@ -112,7 +112,7 @@ def test_assessment_rows_and_accuracy() -> None:
 
 def test_registry_maps_methods_to_their_settings_and_objectives() -> None:
     cfg = RunConfig()
-    assert isinstance(METHODS["sft"].objective(cfg), SFTObjective) and METHODS["sft"].settings(cfg) is cfg.vft
+    assert isinstance(METHODS["sft"].objective(cfg), SFTObjective) and METHODS["sft"].settings(cfg) is cfg.sft
     assert METHODS["ipo"].objective(cfg) == PreferenceObjective("ipo", cfg.ipo.beta, 0.0)
     assert METHODS["stepdpo"].branches and METHODS["stepdpo"].reference
     assert isinstance(METHODS["aft"].objective(cfg), AFTObjective) and not METHODS["aft"].reference

@@ -94,7 +94,7 @@ def test_a_round_trains_on_an_existing_pairs_file(fmt: str, tiny_model_dir: Path
     pairs = (write_step_dpo_pairs if fmt == "step_dpo" else write_trl_pairs)(tmp_path / "pairs.jsonl", 32)
     method = "stepdpo" if fmt == "step_dpo" else "dpo"
     cfg = load_config(ROOT / "conf" / "quickstart_mini.yaml", [
-        f"method={method}", f"task.pairs_path={pairs}", f"model.path={tiny_model_dir}", "sft.max_steps=0",
+        f"method={method}", f"task.pairs_path={pairs}", f"model.path={tiny_model_dir}", "warmup.max_steps=0",
         "round_steps=2", f"{method}.optim.batch_size=16", f"output_dir={tmp_path / 'runs'}", "wandb.mode=disabled"])
     summary = Pipeline(cfg).run()
     round_1 = summary["rounds"][0]

@@ -91,7 +91,7 @@ def resumed(e2e_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     baseline = e2e_run["cfg"].run_dir
     out = tmp_path_factory.mktemp("resume")
     command = [sys.executable, "-m", "raypipe", "run", str(ROOT / "conf" / "quickstart.yaml"), *E2E_OVERRIDES,
-               f"model.path={baseline / 'round_0' / 'sft' / 'model'}", "sft.max_steps=0", f"output_dir={out}",
+               f"model.path={baseline / 'round_0' / 'sft' / 'model'}", "warmup.max_steps=0", f"output_dir={out}",
                "name=resumed", "wandb.mode=disabled", "control.enabled=false", "eval.assessment_questions=0"]
     run_dir, log = out / "resumed", out / "driver.log"
     killed = []

@@ -11,7 +11,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from raypipe.config import ConfigError
 from serving.app import demo_page
-from serving.settings import ServeConfig, load_serve_config, resolve_model
+from serving.settings import RunTask, ServeConfig, load_serve_config, resolve_model, run_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,24 @@ def test_serve_config_yaml_is_a_valid_serve_config_of_known_args() -> None:
 
 
 def test_demo_page_settings_cannot_close_the_script() -> None:
-    page = demo_page(ServeConfig(), [{"question": "</script><script>alert(1)</script>", "answer": "1"}])
+    page = demo_page(ServeConfig(), RunTask(examples=[{"question": "</script><script>alert(1)</script>",
+                                                        "answer": "1"}]))
     assert "</script><script>" not in page
     assert page.count("</script>") == 1
+
+
+def test_the_demo_page_asks_with_the_runs_chat_settings(tmp_path: Path) -> None:
+    """A served run's page sends the chat its task builds: the run's system prompt and instruction (the model's
+    chat template then renders the prompt the run trained on), and offers its own test problems."""
+    from raypipe.config import RunConfig, save_config
+
+    cfg = RunConfig()
+    cfg.task.test_problems, cfg.task.system_prompt, cfg.task.instruction = 3, "Be exact.", "Show every step."
+    save_config(cfg, tmp_path / "config.yaml")
+    run = run_task(str(tmp_path), 2)
+    assert (run.answer_kind, run.system_prompt, run.instruction) == ("synthetic", "Be exact.", "Show every step.")
+    assert len(run.examples) == 2 and run.examples[0]["question"].startswith("Start with")
+    script = demo_page(ServeConfig(), run).split("const SETTINGS = ", 1)[1]
+    settings = json.loads(script.split(";\n", 1)[0])
+    assert (settings["system"], settings["instruction"]) == ("Be exact.", "Show every step.")
+    assert run_task(str(tmp_path / "not_a_run"), 2) == RunTask(), "a bare model folder: the model's own template"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raypipe.config import ConfigError, RunConfig, TaskConfig, load_config
+from raypipe.config import ConfigError, RunConfig, TaskConfig, WarmupConfig, load_config
 from raypipe.data.rows import DataError
 from raypipe.data.steps import COT_PREFILL, StepSplitter, format_prompt, step_token_ends
 from raypipe.data.tiny_model import build_tokenizer
@@ -199,3 +199,22 @@ def test_a_stage_that_needs_a_missing_capability_is_a_config_error(tmp_path: Pat
     no_pool = RunConfig(method="stepdpo", task=TaskConfig(**{**vars(task_cfg), "sft_problems": 100}))
     with pytest.raises(ConfigError, match="pool is empty"):
         check_task(no_pool, make_task(no_pool.task))
+    no_worked = TaskConfig(**{**vars(task_cfg), "sft_problems": 0})
+    with pytest.raises(ConfigError, match="method rft trains on worked solutions"):
+        check_task(RunConfig(method="rft", task=no_worked, warmup=WarmupConfig(max_steps=0)), make_task(no_worked))
+    with pytest.raises(ConfigError, match=r"control \(control.enabled\) trains on worked solutions"):
+        check_task(RunConfig(method="stepdpo", task=no_worked, warmup=WarmupConfig(max_steps=0)), make_task(no_worked))
+
+
+def test_user_mistakes_in_a_dataset_run_exit_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from raypipe.cli import main
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    missing = tmp_path / "nope.jsonl"
+    assert main(["run", str(conf / "stepdpo_gsm8k.yaml"), f"task.train_path={missing}",
+                 f"output_dir={tmp_path}"]) == 2
+    assert f"{missing}: no such file" in capsys.readouterr().err
+    test = _rows(tmp_path / "test.jsonl", [{"question": "Q?", "answer": "#### 1"}])
+    assert main(["run", str(conf / "stepdpo_pairs.yaml"), f"task.test_path={test}", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "pool is empty" in err and "task.pairs_path" in err

@@ -42,7 +42,7 @@ def build(inputs: BuildInputs) -> list[dict[str, Any]]:
         chosen = samples[: cfg.max_candidates]
         worked = inputs.worked[order[k % len(order)]]
         cands = [answer_ids(s, inputs.eos_id) for s in chosen]
-        rows.append({"question_id": qid, "question": chosen[0]["question"],
+        rows.append({"qid": qid, "question": chosen[0]["question"],
                      "sft_ids": worked["input_ids"], "sft_mask": worked["loss_mask"],
                      "cand_ids": [c[0] for c in cands], "cand_mask": [c[1] for c in cands],
                      "cand_text": [s["completion"] for s in chosen],
@@ -60,16 +60,16 @@ def assessment_rows(graded: Sequence[dict[str, Any]], eos_id: int) -> list[dict[
             continue
         for s in samples:
             ids, mask = answer_ids(s, eos_id)
-            rows.append({"question_id": qid, "cand_ids": ids, "cand_mask": mask, "positive": bool(s["correct"])})
+            rows.append({"qid": qid, "cand_ids": ids, "cand_mask": mask, "positive": bool(s["correct"])})
     return rows
 
 
-def assessment_accuracy(question_ids: Sequence[int], positive: Sequence[bool],
+def assessment_accuracy(qids: Sequence[int], positive: Sequence[bool],
                         scores: Sequence[float]) -> float | None:
     """AFT's assessment accuracy: the share of same-question (right, wrong) chain pairs in which the model gives
     the right chain the higher score (token-averaged log-likelihood). None when there is no such pair."""
     by_question: dict[int, tuple[list[float], list[float]]] = {}
-    for qid, pos, score in zip(question_ids, positive, scores):
+    for qid, pos, score in zip(qids, positive, scores):
         by_question.setdefault(qid, ([], []))[0 if pos else 1].append(score)
     right = total = 0
     for pos_scores, neg_scores in by_question.values():

@@ -29,5 +29,5 @@ def build(inputs: BuildInputs) -> list[dict[str, Any]]:
                          "rejected": rejected["completion"], "answer": chosen["gold"],
                          "chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
                          "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
-                         "question_id": qid, **inputs.provenance})
+                         "qid": qid, **inputs.provenance})
     return rows

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def build(inputs: BuildInputs) -> list[dict[str, Any]]:
     max_length = inputs.cfg.lema.max_length
-    rows = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"], "source": "cot", "question_id": None,
+    rows = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"], "source": "cot", "qid": None,
              **inputs.provenance} for r in inputs.worked]
     too_long = 0
     for c in inputs.corrections:
@@ -31,7 +31,7 @@ def build(inputs: BuildInputs) -> list[dict[str, Any]]:
             too_long += 1
             continue
         rows.append({"input_ids": prompt + output, "loss_mask": [0] * len(prompt) + [1] * len(output),
-                     "source": f"correction:{c['source']}", "question_id": c["qid"], **inputs.provenance})
+                     "source": f"correction:{c['source']}", "qid": c["qid"], **inputs.provenance})
     if too_long:
         log.warning("lema: %d corrections are longer than lema.max_length=%d tokens and were left out", too_long,
                     max_length)

@@ -55,7 +55,7 @@ def build_pairs(chains: Sequence[WrongChain], localisations: Sequence[Localisati
                 "chosen_mask": [0] * len(prompt_ids) + [1] * len(chosen_ids),
                 "rejected_ids": prompt_ids + rejected_ids,
                 "rejected_mask": [0] * len(prompt_ids) + [1] * len(rejected_ids),
-                "question_id": chain.qid,
+                "qid": chain.qid,
                 "sample_idx": chain.sample_idx,
                 "first_wrong_step": k,
                 "exact_first_wrong_step": chain.exact_first_wrong,

@@ -71,9 +71,10 @@ class Localisation:
 class Brancher:
     """Runs a localiser over many chains at once: each search level is one batched generation pass."""
 
-    def __init__(self, cfg: BranchConfig, pool: EnginePool, grader: Grader, decode: Callable[[list[int]], str],
-                 temperature: float, top_p: float, max_tokens: int, seed: int | None = None) -> None:
-        self.cfg, self.pool, self.grader, self.decode = cfg, pool, grader, decode
+    def __init__(self, cfg: BranchConfig, pool: EnginePool, model_dir: str, grader: Grader,
+                 decode: Callable[[list[int]], str], temperature: float, top_p: float, max_tokens: int,
+                 seed: int | None = None) -> None:
+        self.cfg, self.pool, self.model_dir, self.grader, self.decode = cfg, pool, model_dir, grader, decode
         self.spec = SamplingSpec(n=cfg.rollouts, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.seed = seed
         """Base seed: each generation pass (search level) draws from `derive_seed(seed, pass number)`."""
@@ -90,7 +91,7 @@ class Brancher:
         spec = SamplingSpec(n=n, temperature=self.spec.temperature, top_p=self.spec.top_p,
                             max_tokens=self.spec.max_tokens,
                             seed=None if self.seed is None else derive_seed(self.seed, self.passes))
-        rows = generate_rows(self.pool, [{"prompt_ids": c.prefix_ids(i), "probe": j}
+        rows = generate_rows(self.pool, self.model_dir, [{"prompt_ids": c.prefix_ids(i), "probe": j}
                                          for j, (c, i) in enumerate(probes)], spec)
         results: list[list[tuple[list[int], bool]]] = [[] for _ in probes]
         for row in rows:

@@ -79,14 +79,17 @@ class EnginePool:
         self.handles, self.model_dir = [], None
 
 
-def generate_rows(pool: EnginePool, rows: Sequence[dict[str, Any]], spec: SamplingSpec) -> list[dict[str, Any]]:
-    """Sample `spec.n` completions for every row's `prompt_ids`; other columns are carried through.
+def generate_rows(pool: EnginePool, model_dir: str, rows: Sequence[dict[str, Any]],
+                  spec: SamplingSpec) -> list[dict[str, Any]]:
+    """Sample `spec.n` completions from `model_dir` for every row's `prompt_ids`; other columns are carried through.
+    The pool's engines are started, or switched to `model_dir`, first: each call names the model it samples.
 
     Returns one row per completion (`sample_idx`, `completion_ids`, `completion`, `finish_reason`,
     `num_tokens`), in input order. With `spec.seed` set, row i samples with `derive_seed(spec.seed, i)`.
     """
     if not rows:
         return []
+    pool.use(model_dir)
     seeded = spec.seed is not None
     indexed = [{**row, "_row": i, **({"_seed": derive_seed(spec.seed, i)} if seeded else {})}
                for i, row in enumerate(rows)]
@@ -95,7 +98,7 @@ def generate_rows(pool: EnginePool, rows: Sequence[dict[str, Any]], spec: Sampli
     # Two batches in flight per engine keep it busy while the previous batch's rows are assembled.
     dataset = ray.data.from_items(indexed).map_batches(
         _forward_to_engine,
-        fn_kwargs={"handles": pool.handles, "spec": spec, "model_dir": pool.model_dir,
+        fn_kwargs={"handles": pool.handles, "spec": spec, "model_dir": str(model_dir),
                    "batch_size": pool.cfg.batch_size},
         batch_size=pool.cfg.batch_size,
         batch_format="pandas",

@@ -22,12 +22,13 @@ def prompt_rows(problems: Sequence[tuple[int, Problem]], tokenizer: PreTrainedTo
             for qid, p in problems]
 
 
-def sample_chains(pool: EnginePool, rows: Sequence[dict[str, Any]], cfg: SamplingConfig,
+def sample_chains(pool: EnginePool, model_dir: str, rows: Sequence[dict[str, Any]], cfg: SamplingConfig,
                   seed: int | None) -> list[dict[str, Any]]:
-    """`cfg.samples_per_question` chains per row; the same seed draws the same chains (a resumed stage)."""
+    """`cfg.samples_per_question` chains per row from `model_dir`; the same seed draws the same chains (a resumed
+    stage)."""
     spec = SamplingSpec(n=cfg.samples_per_question, temperature=cfg.temperature, top_p=cfg.top_p,
                         max_tokens=cfg.max_new_tokens, seed=seed)
-    return generate_rows(pool, rows, spec)
+    return generate_rows(pool, model_dir, rows, spec)
 
 
 def grade_samples(samples: Sequence[dict[str, Any]], problems: dict[int, Problem], task: Task) -> list[dict[str, Any]]:

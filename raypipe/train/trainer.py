@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe.config import OptimConfig, SFTConfig, TrainConfig
+from raypipe.config import OptimConfig, TrainConfig, WarmupConfig
 from raypipe.update_config import LoRAConfig
 from raypipe.train.objectives import Objective
 
@@ -22,7 +22,7 @@ STOP_REASONS = ("target", "plateau", "max_steps", "epochs")
 
 @dataclass
 class DevEval:
-    """Greedy dev-set evaluation that decides when SFT stops (the SFTConfig stopping rule)."""
+    """Greedy dev-set evaluation that decides when SFT stops (the WarmupConfig stopping rule)."""
 
     prompts: list[str]
     answers: list[str]
@@ -46,11 +46,11 @@ class DevEval:
             raise ValueError(f"every_steps must be positive, got {self.every_steps}")
 
     @classmethod
-    def from_config(cls, sft: SFTConfig, prompts: list[str], answers: list[str], kind: str,
+    def from_config(cls, warmup: WarmupConfig, prompts: list[str], answers: list[str], kind: str,
                     max_new_tokens: int) -> DevEval:
-        return cls(prompts=prompts, answers=answers, kind=kind, every_steps=sft.eval_every_steps,
-                   target_accuracy=sft.target_accuracy, plateau_evals=sft.plateau_evals,
-                   min_improvement=sft.min_improvement, min_accuracy=sft.min_accuracy,
+        return cls(prompts=prompts, answers=answers, kind=kind, every_steps=warmup.eval_every_steps,
+                   target_accuracy=warmup.target_accuracy, plateau_evals=warmup.plateau_evals,
+                   min_improvement=warmup.min_improvement, min_accuracy=warmup.min_accuracy,
                    max_new_tokens=max_new_tokens)
 
     def should_stop(self, accuracies: list[float]) -> str | None:
