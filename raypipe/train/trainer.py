@@ -27,7 +27,7 @@ class DevEval:
     prompts: list[str]
     answers: list[str]
     kind: str
-    """Answer kind for `raypipe.grading.grade` ('synthetic', 'gsm8k', 'math')."""
+    """The task's answer kind (`raypipe.tasks.Task.answer_kind`), for `raypipe.grading.grade`."""
     every_steps: int = 100
     target_accuracy: float = 0.6
     plateau_evals: int = 6
