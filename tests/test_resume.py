@@ -1,8 +1,10 @@
 """Kill the driver (SIGKILL) while each stage of a round is in progress, rerun the same command, and compare the
 final artefacts with the uninterrupted e2e run's round (same checkpoint, same seed).
 
-Every rerun is the user's own command in a fresh process; the test only watches the run folder from outside: a
-stage folder without its manifest is a stage in progress, and that is when the driver is killed. Sampling is
+Every rerun is the user's own command in a fresh process; the test watches the run folder from outside and kills
+the driver once the stage has output on disk but no manifest: mid-write for a stage that writes as it goes
+(sampling), and at worst just before the commit for a stage that takes milliseconds (grading), which
+`tests.held_driver` holds there so that the kill cannot miss it. Sampling is
 seeded per prompt, so the resumed run draws the same chains, rollouts and pairs; training is not bit-reproducible
 on CPU, so from the trained model on only counts and keys are compared.
 """
@@ -43,20 +45,23 @@ def _manifest(stage_dir: Path) -> dict[str, Any]:
     return json.loads((stage_dir / MANIFEST).read_text())
 
 
-def _in_progress(stage_dir: Path) -> bool:
-    return stage_dir.is_dir() and not (stage_dir / MANIFEST).exists()
+def _writing(stage_dir: Path) -> bool:
+    """The stage has written some of its output and not yet committed its manifest."""
+    return (stage_dir.is_dir() and not (stage_dir / MANIFEST).exists()
+            and any(p.is_file() for p in stage_dir.rglob("*")))
 
 
 def _run_until_killed(command: list[str], stage_dir: Path, log: Path) -> None:
-    """Start the run, SIGKILL the driver as soon as `stage_dir` is in progress, and check that the local Ray it
-    started (GCS, raylet, engine actors, training workers) went down with it: Ray ties them to the driver, and a
-    survivor could still write into the stage the rerun redoes."""
+    """Start the run holding `stage_dir`'s stage before its commit, SIGKILL the driver once the stage is writing,
+    and check that the local Ray it started (GCS, raylet, engine actors, training workers) went down with it: Ray
+    ties them to the driver, and a survivor could still write into the stage the rerun redoes."""
+    label = f"{stage_dir.parent.name}/{stage_dir.name}"
+    held = [sys.executable, "-m", "tests.held_driver", label, *command[3:]]
     with log.open("a") as out:
-        driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        driver = subprocess.Popen(held, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
-        while not _in_progress(stage_dir):
-            assert driver.poll() is None, f"the run ended before {stage_dir.name} started (see {log})"
-            assert not (stage_dir / MANIFEST).exists(), f"{stage_dir.name} finished before it could be killed"
+        while not _writing(stage_dir):
+            assert driver.poll() is None, f"the run ended before {stage_dir.name} wrote anything (see {log})"
             time.sleep(0.01)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
