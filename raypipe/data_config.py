@@ -21,9 +21,13 @@ class ModelCallConfig:
     """openai: the API root, ending in /v1."""
     model: str = "raypipe"
     """openai: the model name sent with each request. local: the Hugging Face model folder."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """openai: NAME of the environment variable holding the key (keys never go in a config file). Unset variable:
-    requests go without a key (fine for a local server)."""
+    api_key_env: str | None = None
+    """openai: NAME of the environment variable holding the key (keys never go in a config file), e.g.
+    OPENAI_API_KEY for OpenAI's API. null, or the variable unset: requests go without a key (a local server). Never
+    implied, so a provider's key is not sent to whatever `base_url` points at."""
+    key_over_http: bool = False
+    """openai: let the key go over plain http:// to another machine (anyone on the way can read it). Off: that is a
+    config error before any request; https:// and loopback (127.0.0.0/8, ::1, localhost) are always allowed."""
     max_concurrency: int = 8
     """openai: requests in flight at once."""
     max_retries: int = 4
@@ -32,9 +36,11 @@ class ModelCallConfig:
     timeout_s: float = 120.0
     """openai: seconds before a request is abandoned (then retried)."""
     cache_dir: str | None = "cache/model_calls"
-    """Responses cached on disk keyed by the whole request (URL, model name, messages, sampling), so a rerun
-    does not pay twice; relative paths are under the run folder. A different checkpoint served under the same
-    name and URL is not a different key: use a new run folder or delete the cache. null turns caching off."""
+    """Responses cached on disk keyed by the whole request (URL, model name, messages, sampling) and the served
+    weights, so a rerun does not pay twice; relative paths are under the run folder. The weights are known when the
+    server names them (`raypipe serve` puts their hash in `/v1/models`); behind any other server a different
+    checkpoint under the same name and URL is the same key: use a new run folder or delete the cache. null turns
+    caching off."""
 
 
 @dataclass

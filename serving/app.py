@@ -32,8 +32,17 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
+from raypipe.engines.openai_api import WEIGHTS_FIELD
 from raypipe.grading import GradeResult, grade
-from serving.settings import TOKEN_ENV, RunTask, ServeConfig, load_serve_config, resolve_model, run_task
+from serving.settings import (
+    TOKEN_ENV,
+    RunTask,
+    ServeConfig,
+    load_serve_config,
+    resolve_model,
+    run_task,
+    weights_sha256,
+)
 
 log = logging.getLogger(__name__)
 GRADE_WORKERS = 2
@@ -250,7 +259,8 @@ def demo_page(cfg: ServeConfig, run: RunTask) -> str:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The Serve application for `args` (ServeConfig fields): `serve run serving/config.yaml`, `raypipe serve`."""
+    """The Serve application for `args` (ServeConfig fields): `serve run serving/config.yaml`, `raypipe serve`. The
+    model's card in `/v1/models` names the weights' hash (OpenAIEngine keys its response cache on it)."""
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
     cfg = load_serve_config(args)
@@ -259,6 +269,7 @@ def build_app(args: dict[str, Any]) -> Application:
     answer_kind = cfg.answer_kind if cfg.answer_kind != "auto" else (run.answer_kind or "math")
     llm = llm_config(cfg, model_dir, on_gpu(cfg.device))
     ingress, _ = ingress_deployment(cfg)
+    card = to_model_metadata(cfg.model_id, llm, {WEIGHTS_FIELD: weights_sha256(model_dir)})
     token = os.environ.get(TOKEN_ENV)
     actor: dict[str, Any] = {"num_cpus": cfg.ingress_cpus}
     if token:  # the replicas may run on other machines: hand them the token the builder was started with
@@ -269,5 +280,5 @@ def build_app(args: dict[str, Any]) -> Application:
              llm.accelerator_config.kind, answer_kind)
     return serve.deployment(ingress, name="RaypipeIngress", **options).bind(
         llm_deployments={cfg.model_id: build_llm_deployment(llm)},
-        model_cards={cfg.model_id: to_model_metadata(cfg.model_id, llm)},
+        model_cards={cfg.model_id: card},
         settings=asdict(cfg), answer_kind=answer_kind, page=demo_page(cfg, run))

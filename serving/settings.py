@@ -6,6 +6,7 @@ command line; both are checked here, so a typo is a ConfigError naming the key, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -116,6 +117,16 @@ def resolve_model(model: str) -> Path:
     except EngineError as err:
         raise ConfigError(f"model: {err}") from None
     return found
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 over the model's config.json and safetensors files (names and contents): `/v1/models` reports it, so a
+    client's response cache tells a model retrained in place from the one it asked before under the same name."""
+    digest = hashlib.sha256()
+    for path in sorted([model_dir / "config.json", *model_dir.glob("*.safetensors")]):
+        with path.open("rb") as f:
+            digest.update(path.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 @dataclass

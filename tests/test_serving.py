@@ -11,6 +11,8 @@ import requests
 
 from benchmarks.serve_load import run_load, still_serving
 from raypipe.data.steps import format_prompt
+from raypipe.engines.openai_api import WEIGHTS_FIELD
+from serving.settings import resolve_model, weights_sha256
 
 pytestmark = pytest.mark.usefixtures("served")
 
@@ -45,7 +47,10 @@ def test_models_lists_the_served_model(served: dict) -> None:
     response = call(served, "/v1/models")
     assert response.status_code == 200
     assert [m["id"] for m in response.json()["data"]] == ["raypipe"]
-    assert call(served, "/v1/models/raypipe").json()["id"] == "raypipe"
+    card = call(served, "/v1/models/raypipe").json()
+    assert card["id"] == "raypipe"
+    # which weights are served, so a client's cache tells a retrained model from the last one (test_model_calls)
+    assert card["metadata"][WEIGHTS_FIELD] == weights_sha256(resolve_model(str(served["run_dir"])))
 
 
 def test_completion_is_the_trained_policy(served: dict) -> None:

@@ -1,13 +1,15 @@
 """What raypipe checks before it loads or calls a model: weights in safetensors only (a pickled `.bin` / `.pt`
 checkpoint can run code while it is read), the context length every prompt plus its answer must fit in, and keys
-that come from the environment, never from a config."""
+that come from the environment, never from a config, and travel encrypted unless they stay on this machine."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from raypipe.config import ConfigError
 from raypipe.engines.text import EngineError
@@ -56,3 +58,24 @@ def key_from_env(variable: str, setting: str) -> str | None:
                           "characters that cannot be a variable name were given): keys are read from the "
                           f"environment only, e.g. `export MY_KEY=...` and {setting}=MY_KEY")
     return os.environ.get(variable) or None
+
+
+def check_key_transport(url: str, allowed: bool, setting: str) -> None:
+    """A key sent over plain http to another machine can be read by anyone on the way: a ConfigError naming
+    `setting` (the switch that allows it), unless the URL is https or its host is this machine (loopback)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" or allowed or _is_loopback(parts.hostname):
+        return
+    raise ConfigError(f"{url}: a key would be sent unencrypted to another machine; use https://, send no key, or "
+                      f"set {setting}=true if the network between is trusted")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
+    except ValueError:  # a name: it may resolve anywhere
+        return False

@@ -2,8 +2,9 @@
 
 Retries (408/409/429/5xx and connection errors, exponential backoff with jitter) and timeouts are the `openai`
 client's own; this module adds what a data stage needs on top: many requests in flight at once but no more than
-`max_concurrency`, a response cache keyed by the whole request (a rerun of a stage does not pay twice), usage
-totals for the manifest, and errors that say what to fix instead of a stack trace.
+`max_concurrency`, a response cache keyed by the whole request and the served weights (a rerun of a stage does
+not pay twice, a retrained model is asked again), usage totals for the manifest, errors that say what to fix instead
+of a stack trace, and a key sent only where it is meant to go (named explicitly, encrypted off this machine).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from tqdm import tqdm
 
 from raypipe.data_config import ModelCallConfig
 from raypipe.engines.base import SamplingSpec
-from raypipe.engines.checks import key_from_env
+from raypipe.engines.checks import check_key_transport, key_from_env
 from raypipe.engines.text import EngineError, Message, TextGenerator, Usage
 
 log = logging.getLogger(__name__)
+WEIGHTS_FIELD = "raypipe_weights_sha256"
+"""The field of a model's `/v1/models` metadata in which `raypipe serve` names the weights it serves."""
 
 
 class ResponseCache:
@@ -57,16 +60,23 @@ class ResponseCache:
 
 
 class OpenAIEngine(TextGenerator):
-    """Chat and completion calls to `cfg.base_url`; the key comes from the environment variable `cfg.api_key_env`."""
+    """Chat and completion calls to `cfg.base_url`; the key, if any, comes from the environment variable
+    `cfg.api_key_env`."""
 
     def __init__(self, cfg: ModelCallConfig, cache_root: Path | None = None) -> None:
         self.cfg = cfg
         self.usage = Usage()
         self._lock = threading.Lock()
-        key = key_from_env(cfg.api_key_env, "api_key_env") or "none"  # local servers take any key
-        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s,
+        key = key_from_env(cfg.api_key_env, "api_key_env") if cfg.api_key_env else None
+        if key:
+            check_key_transport(cfg.base_url, cfg.key_over_http, "key_over_http")
+        # the client wants a key (else it takes $OPENAI_API_KEY): with none, each call drops its Authorization header
+        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key or "unused", timeout=cfg.timeout_s,
                                     max_retries=cfg.max_retries)
+        self._auth: dict[str, Any] = {} if key else {"extra_headers": {"Authorization": openai.Omit()}}
         self.cache = ResponseCache(cache_root) if cache_root is not None else None
+        self._weights: str | None = None
+        self._weights_lock = threading.Lock()
 
     def chat(self, conversations: Sequence[list[Message]], spec: SamplingSpec) -> list[list[str]]:
         return self._run([{"kind": "chat", "messages": c, **self._params(spec)} for c in conversations])
@@ -100,14 +110,14 @@ class OpenAIEngine(TextGenerator):
                 raise
 
     def _one(self, request: dict[str, Any]) -> list[str]:
-        key = ResponseCache.key({"base_url": self.cfg.base_url, **request})
-        cached = self.cache.get(key) if self.cache else None
-        if cached is not None:
-            with self._lock:
-                self.usage.cache_hits += 1
-            return cached["texts"]
-        body = {k: v for k, v in request.items() if k != "kind"}
         try:
+            key = self._cache_key(request) if self.cache else ""
+            cached = self.cache.get(key) if self.cache else None
+            if cached is not None:
+                with self._lock:
+                    self.usage.cache_hits += 1
+                return cached["texts"]
+            body = {**{k: v for k, v in request.items() if k != "kind"}, **self._auth}
             if request["kind"] == "chat":
                 response = self.client.chat.completions.create(**body)
                 texts = [c.message.content or "" for c in sorted(response.choices, key=lambda c: c.index)]
@@ -115,8 +125,10 @@ class OpenAIEngine(TextGenerator):
                 response = self.client.completions.create(**body)
                 texts = [c.text for c in sorted(response.choices, key=lambda c: c.index)]
         except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+            where = f"the environment variable {self.cfg.api_key_env}" if self.cfg.api_key_env else \
+                "an environment variable and name it in api_key_env"
             raise EngineError(f"{self.cfg.base_url}: authentication failed (HTTP {err.status_code}); put the key "
-                              f"in the environment variable {self.cfg.api_key_env}") from None
+                              f"in {where}") from None
         except openai.NotFoundError as err:
             raise EngineError(f"{self.cfg.base_url}: model {self.cfg.model!r} or route not found (HTTP 404: "
                               f"{_message(err)})") from None
@@ -139,6 +151,27 @@ class OpenAIEngine(TextGenerator):
         if self.cache:
             self.cache.put(key, {"texts": texts})
         return texts
+
+    def _cache_key(self, request: dict[str, Any]) -> str:
+        """The request and where it goes; plus the served weights when the server names them, so a model retrained
+        behind the same URL and name is asked again instead of answered from the old model's cache."""
+        weights = self._served_weights()
+        return ResponseCache.key({"base_url": self.cfg.base_url, **request,
+                                  **({"served_weights": weights} if weights else {})})
+
+    def _served_weights(self) -> str:
+        """The hash of the weights served as `cfg.model`, asked once from `/v1/models` ("" when the server names
+        none: only `raypipe serve` does; vLLM's `created` is no help, it is the time of the listing)."""
+        with self._weights_lock:
+            if self._weights is None:
+                try:
+                    cards = self.client.models.list(**self._auth).data
+                except openai.NotFoundError:  # a server without a model list
+                    cards = []
+                metadata = next(((c.model_extra or {}).get("metadata") for c in cards if c.id == self.cfg.model),
+                                None)
+                self._weights = str((metadata or {}).get(WEIGHTS_FIELD) or "")
+            return self._weights
 
 
 def _message(err: openai.APIStatusError) -> str:
