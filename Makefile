@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup browser demo test test-all bench clean
+.PHONY: setup browser demo test test-fast test-all bench clean
 
 # torch 2.13.0 first (the local CPU build; an unpinned torch pulls GB of CUDA wheels), then DeepSpeed without
 # build isolation (its sdist would otherwise build against a fresh CUDA torch), then the project with the cpu set,
@@ -37,6 +37,10 @@ demo: setup
 
 test: setup browser
 	$(PY) -m pytest -q -m "not slow" --timeout=900 --durations=15
+
+# the unit and property tier for development: no Ray, vLLM, Serve or training run (under 5 minutes on 2 cores)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not integration" --timeout=300 --durations=10
 
 test-all: setup browser
 	$(PY) -m pytest -q --timeout=1800

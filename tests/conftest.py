@@ -20,6 +20,16 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def shared_data(*parts: str) -> Path:
+    """A file of ../shared/data: a clear failure under CI (`CI` set), where it must be there; a skip elsewhere."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI must have ../shared/data beside the checkout")
+        pytest.skip(f"{path} not present (../shared/data is needed beside the repo)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def task_cfg() -> TaskConfig:
     return TaskConfig(sft_problems=200, pool_questions=200, dev_problems=50, test_problems=50)
@@ -106,3 +116,22 @@ def served(e2e_run: dict) -> Iterator[dict]:
         del os.environ[TOKEN_ENV]
     yield {"url": url, "token": SERVE_TOKEN, "run_dir": Path(e2e_run["summary"]["run_dir"])}
     serve.shutdown()
+
+
+INTEGRATION_MODULES = {"test_actor_failure", "test_branching", "test_cluster", "test_compare", "test_dataset_e2e",
+                       "test_demo_page", "test_engines", "test_offline_pairs", "test_openai_engine",
+                       "test_pipeline_e2e", "test_resume", "test_serve_run", "test_serving", "test_tracking",
+                       "test_trainer"}
+"""Modules whose tests start Ray, vLLM, Serve or a training run (their pure unit tests are few and cheap to lose
+from the fast tier)."""
+INTEGRATION_FIXTURES = {"e2e_run", "served", "tiny_model_dir"}
+"""A test using one of these runs or loads a model, wherever it lives."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the integration tests, so that `make test-fast` (-m "not slow and not integration") is the unit and
+    property tier."""
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES or \
+                INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

@@ -12,14 +12,12 @@ import pytest
 from raypipe.cli import main
 from raypipe.data.benchmarks import load_benchmark
 
-from .conftest import SHARED_DATA
+from .conftest import shared_data
 
 
 @pytest.fixture
 def gsm8k_with_bad_rows(tmp_path: Path) -> Path:
-    source = SHARED_DATA / "gsm8k" / "test.jsonl"
-    if not source.is_file():
-        pytest.skip(f"{source} not found (../shared/data is needed beside the repo)")
+    source = shared_data("gsm8k", "test.jsonl")
     good = source.read_text().splitlines()[:4]
     bad = ['{"question": "no answer field"}', "{not json", json.dumps({"question": "q", "answer": "no number"})]
     path = tmp_path / "mixed.jsonl"

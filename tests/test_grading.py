@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
 from raypipe.grading import GradeResult, extract_answer, grade, is_equivalent
+from tests.conftest import shared_data
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-GSM8K_TEST = DATA_DIR / "gsm8k" / "test.jsonl"
-MATH500_TEST = DATA_DIR / "math500" / "test.jsonl"
+GSM8K_TEST = ("gsm8k", "test.jsonl")
+MATH500_TEST = ("math500", "test.jsonl")
 MATH_GOLD_MARKER = "The answer is: "
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        pytest.skip(f"reference data not found at {path} (expected ../shared/data relative to the repo root)")
-    with path.open() as handle:
+def _read_jsonl(parts: tuple[str, str]) -> list[dict]:
+    with shared_data(*parts).open() as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 

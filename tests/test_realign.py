@@ -20,9 +20,9 @@ from raypipe.realign.retrieve import BM25Retriever, serper_snippets
 from raypipe.realign.rewrite import math_template_rewrite, parse_rewrite, rewrite_messages
 from raypipe.realign.stage import decide, run_realign
 from raypipe.realign.tasks import load_tasks
+from tests.conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 NEVER_REWRITTEN = {"story_generation", "poem_generation", "advice_giving", "paraphrasing", "code_simplification",
                    "table_extraction", "title_generation", "text_summarization", "note_summarization", "roleplay",
                    "default"}
@@ -208,17 +208,17 @@ def test_bad_realign_settings_are_config_errors() -> None:
         load_config(None, ["method=realign", "realign.rewriter=gpt"])
 
 
-@pytest.mark.skipif(not GSM8K_TRAIN.is_file(), reason=f"{GSM8K_TRAIN} is not there (../shared/data)")
 def test_realign_gsm8k_recipe_runs_offline_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train = shared_data("gsm8k", "train.jsonl")
     args = ["run", str(ROOT / "conf" / "realign_gsm8k.yaml"), f"output_dir={tmp_path}", "realign.limit=300",
-            f"realign.input={GSM8K_TRAIN}"]
+            f"realign.input={train}"]
     assert main(args) == 0
     assert "post-filter pass rate: 100.0% of 300" in capsys.readouterr().out
     stage = tmp_path / "realign_gsm8k" / "round_0" / "realign"
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["metrics"]["rewritten"] == manifest["metrics"]["rows"] == 300
     out = [json.loads(line) for line in (stage / "realigned.jsonl").read_text().splitlines()]
-    source = [json.loads(line) for line in GSM8K_TRAIN.read_text().splitlines()[:300]]
+    source = [json.loads(line) for line in train.read_text().splitlines()[:300]]
     assert [o["question"] for o in out] == [s["question"] for s in source]
     assert all(o["answer"].startswith("Analysis:") and o["realign_tag"] == "rewrite" for o in out)
     assert all(o["answer"].endswith(f"The answer is {s['answer'].split('####')[1].strip()}.")

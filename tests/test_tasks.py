@@ -4,7 +4,6 @@ the real GSM8K and MATH-500 files, prompts through a chat template, and capabili
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,23 +15,13 @@ from raypipe.data.tiny_model import build_tokenizer
 from raypipe.pipeline import check_task
 from raypipe.tasks import build_prompt, make_task
 from raypipe.tasks.dataset import worked_solution
-from tests.conftest import SHARED_DATA
+from tests.conftest import shared_data
 
 QWEN_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
     "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 """The shape of Qwen2's chat template (ChatML, a default system turn)."""
-
-
-def shared(*parts: str) -> Path:
-    """A file of ../shared/data: a clear failure under CI when it is missing, a skip elsewhere."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing: CI must have ../shared/data beside the checkout")
-        pytest.skip(f"{path} not present")
-    return path
 
 
 # ---- steps -----------------------------------------------------------------------------------------------------
@@ -129,8 +118,8 @@ def test_worked_solution_drops_calculator_annotations() -> None:
 def test_real_gsm8k_loads_through_the_task(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    cfg = TaskConfig(source="dataset", answer_kind="gsm8k", train_path=str(shared("gsm8k", "train.jsonl")),
-                     test_path=str(shared("gsm8k", "test.jsonl")), test_problems=10_000)
+    cfg = TaskConfig(source="dataset", answer_kind="gsm8k", train_path=str(shared_data("gsm8k", "train.jsonl")),
+                     test_path=str(shared_data("gsm8k", "test.jsonl")), test_problems=10_000)
     task = make_task(cfg)
     splits = task.splits
     assert splits.sizes() == {"worked": 2000, "pool": 4000, "dev": 200, "test": 1319} and not splits.rejected
@@ -146,7 +135,7 @@ def test_real_gsm8k_loads_through_the_task(tiny_model_dir: Path) -> None:
 
 
 def test_real_math500_loads_through_the_task() -> None:
-    path = str(shared("math500", "test.jsonl"))
+    path = str(shared_data("math500", "test.jsonl"))
     task = make_task(TaskConfig(source="dataset", answer_kind="math", test_path=path, train_path=path,
                                 step_delimiter="blank_line", dev_problems=50, sft_problems=400))
     splits = task.splits
