@@ -16,8 +16,10 @@ from raypipe.config import TaskConfig
 from raypipe.data.synthetic import load_splits
 from raypipe.train.collate import pad_sequences
 
-TINY = bench.Settings(batch_size=4, steps=6, warmup=2, threads=1)
-"""One thread: on a busy machine two threads of small ops wait on each other far longer than they compute."""
+TINY = bench.Settings(batch_size=4, steps=12, warmup=2, threads=1, lr=1e-3)
+"""One thread: on a busy machine two threads of small ops wait on each other far longer than they compute. Twelve
+steps at lr 1e-3 are two passes over the 24 pairs, enough to lower the DPO loss from log 2 (to 0.645 in the plain
+loop): a contender that does not train is caught."""
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +74,7 @@ def test_plain_loop_reports_consistent_figures(pairs: list[bench.Pair], tiny_mod
     per_pair = [len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     assert min(per_pair) <= r["tokens_per_s"] / r["pairs_per_s"] <= max(per_pair)
     assert r["padded_tokens_per_s"] >= r["tokens_per_s"]
-    assert abs(r["final_loss"] - math.log(2)) < 0.05  # random init, lr 1e-5: DPO barely moves from log 2
+    assert r["final_loss"] < math.log(2) - 0.02, "two passes over the pairs lower the DPO loss from log 2"
     assert r["peak_rss_mib"] > 100
 
 
@@ -116,7 +118,7 @@ def test_trl_contender_runs(pairs: list[bench.Pair], tiny_model_dir: Path, tmp_p
     r = bench.trl_run(tiny_model_dir, pairs, TINY, precompute=True, out=str(tmp_path))
     per_pair = [len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     assert min(per_pair) <= r["tokens_per_s"] / r["pairs_per_s"] <= max(per_pair)
-    assert abs(r["final_loss"] - math.log(2)) < 0.05
+    assert r["final_loss"] < math.log(2) - 0.02
 
 
 @pytest.mark.slow  # about 90 s: Ray, the reference stage and Ray Train's start-up dominate
@@ -126,5 +128,5 @@ def test_raypipe_contender_reports_from_the_ray_worker(pairs: list[bench.Pair], 
     per_pair = [len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     assert min(per_pair) <= r["tokens_per_s"] / r["pairs_per_s"] <= max(per_pair)
     assert r["padded_tokens_per_s"] >= r["tokens_per_s"] and r["tokens_per_cpu_s"] > 0
-    assert abs(r["final_loss"] - math.log(2)) < 0.05  # the reference stage's log-probs match the policy at step 0
+    assert r["final_loss"] < math.log(2) - 0.02
     assert r["peak_rss_mib"] > 100 and r["reference_s"] > 0 and r["setup_s"] > 0
