@@ -108,23 +108,26 @@ class Grader:
 
     def __init__(self, kind: str, timeout_s: float) -> None:
         self.kind, self.timeout_s = kind, timeout_s
-        self.pool = self._start()
+        self._start()
 
-    @staticmethod
-    def _start() -> ProcessPoolExecutor:
+    def _start(self) -> None:
+        """A pool whose workers start now; an answer's clock starts once they have (a spawned worker first imports
+        the grader and its parent's main module, seconds on a busy machine, which are not the answer's fault)."""
         # spawn: a forked copy of this threaded process could inherit a lock another thread held mid-use
-        return ProcessPoolExecutor(GRADE_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = ProcessPoolExecutor(GRADE_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+        self.started = [self.pool.submit(grade, "", "0", self.kind) for _ in range(GRADE_WORKERS)]
 
     async def __call__(self, completion: str, expected: str) -> GradeResult:
         """The verdict. TimeoutError past `timeout_s` (waiting for a free worker included); BrokenProcessPool when
         another answer's timeout killed the workers while this one was waiting or being graded."""
-        pool = self.pool
+        await asyncio.gather(*map(asyncio.wrap_future, self.started))
+        pool = self.pool  # after the wait: a pool restarted meanwhile takes the answer (its workers' start counts)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(pool.submit(grade, completion, expected, self.kind)),
                                           self.timeout_s)
         except TimeoutError:
             if pool is self.pool:  # a running grade cannot be cancelled, only killed: a fresh pool takes over
-                self.pool = self._start()
+                self._start()
                 for process in list((pool._processes or {}).values()):  # Python 3.14: pool.kill_workers()
                     process.kill()
                 pool.shutdown(wait=False, cancel_futures=True)
