@@ -1,13 +1,17 @@
 """Stage artefacts: every stage writes Parquet plus a JSON manifest under `runs/<run>/round_<r>/<stage>/`.
 
-The manifest records the stage's fingerprint (its config and its inputs' fingerprints), row counts, the model
-version and timings. A stage whose manifest exists with the same fingerprint is skipped, so a killed or rerun
-run resumes where it stopped; the manifest is written last, so a half-written stage is simply redone. A store
-may also reuse a matching stage from sibling run folders (`reuse_from`) instead of computing it again.
+The manifest records the stage's fingerprint (the code that made it, its config and its inputs' fingerprints), row
+counts, the model version and timings. A stage whose manifest exists with the same fingerprint is skipped, so a
+killed or rerun run resumes where it stopped; the manifest is written last, so a half-written stage is simply
+redone. A store may also reuse a matching stage from sibling run folders (`reuse_from`) instead of computing it
+again.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import json
 import logging
 import shutil
@@ -21,11 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypipe.config import fingerprint
+from raypipe.files import write_atomic
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-ARTIFACT_VERSION = 3
-"""Part of every fingerprint: raise it when a stage's output format or meaning changes, so old runs are redone."""
 ROWS_FILE = "data.parquet"
 
 
@@ -73,7 +76,7 @@ class ArtifactStore:
         """Run `body(stage_dir) -> metrics` unless an identical run of this stage is already on disk."""
         out = self.stage_dir(round_idx, name)
         label = f"round_{round_idx}/{name}"
-        fp = fingerprint(ARTIFACT_VERSION, name, config, [i.fingerprint for i in inputs])
+        fp = fingerprint(code_version(), name, config, [i.fingerprint for i in inputs])
         inputs_at = {_relative(i.dir, self.run_dir): i.fingerprint for i in inputs}
         existing = _read_manifest(out)
         if existing and existing.get("fingerprint") == fp and _same_inputs(existing, self.run_dir, inputs):
@@ -93,14 +96,12 @@ class ArtifactStore:
         start = time.perf_counter()
         metrics = body(out)
         manifest = {
-            "stage": name, "round": round_idx, "fingerprint": fp,
+            "stage": name, "round": round_idx, "fingerprint": fp, "code": code_version(),
             "inputs": inputs_at,
             "seconds": round(time.perf_counter() - start, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "metrics": metrics,
         }
-        tmp = out / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, default=str))
-        tmp.rename(out / MANIFEST)
+        write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, default=str))
         return self._resolved(label, "executed", StageResult(out, manifest))
 
     def _resolved(self, label: str, status: str, stage: StageResult) -> StageResult:
@@ -109,6 +110,28 @@ class ArtifactStore:
         if self.on_stage is not None:
             self.on_stage(label, status, stage)
         return stage
+
+
+@functools.cache
+def code_version() -> str:
+    """raypipe's version + the digest of its source, once per process: part of every fingerprint, so a stage made
+    by other code is redone without a version number to remember to bump, while an identical rerun (a resume,
+    `reuse_from`) computes the same digest and skips."""
+    try:
+        version = importlib.metadata.version("raypipe")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree (a Ray job's working dir)
+        version = "unreleased"
+    return f"{version}+{source_digest(Path(__file__).resolve().parent)}"
+
+
+def source_digest(package: Path) -> str:
+    """12 hex digits of sha256 over every .py and .yaml file under `package` (names and contents, by relative
+    path): what a stage's output can depend on, prompts and task catalogues included; not timestamps or caches."""
+    digest = hashlib.sha256()
+    files = {p.relative_to(package).as_posix(): p for pattern in ("*.py", "*.yaml") for p in package.rglob(pattern)}
+    for name in sorted(files):
+        digest.update(f"{name}\0{len(data := files[name].read_bytes())}\0".encode() + data)
+    return digest.hexdigest()[:12]
 
 
 def write_rows(stage_dir: Path, rows: Sequence[dict[str, Any]], name: str = ROWS_FILE) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raypipe.config import ConfigError, load_config, load_structured
+from raypipe.files import write_atomic
 from raypipe.ray_env import init_ray
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ def run_compare(cmp: CompareConfig) -> dict[str, Any]:
         pool.shutdown()
     result = summarise(runs, cmp)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "compare.json").write_text(json.dumps(result, indent=2))
-    (root / "compare.md").write_text(markdown_table(result))
+    write_atomic(root / "compare.json", json.dumps(result, indent=2))
+    write_atomic(root / "compare.md", markdown_table(result))
     plot_compare(result, root / "compare.png")
     print(markdown_table(result))
     return result

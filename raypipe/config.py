@@ -7,6 +7,7 @@ misspelt key fails loudly with its name instead of being ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -17,7 +18,8 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from raypipe.data_config import LEMAConfig, ReAlignConfig
+from raypipe.data_config import LEMAConfig, ModelCallConfig, ReAlignConfig
+from raypipe.files import model_digest, write_atomic
 from raypipe.task_config import TaskConfig
 from raypipe.update_config import AFTConfig, ControlConfig, OptimConfig, PreferenceConfig, RFTConfig, SFTConfig
 
@@ -348,14 +350,28 @@ def to_dict(section: Any) -> dict[str, Any]:
 
 
 def fingerprint(*parts: Any) -> str:
-    """A short stable hash of config sections and upstream fingerprints: equal inputs, equal hash."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    """A short stable hash of config sections and upstream fingerprints: equal inputs, equal hash. A local model
+    directory named in a section enters by its content, not its path (`_identity`)."""
+    blob = json.dumps(parts, sort_keys=True, default=_identity).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _identity(part: Any) -> Any:
+    """What a non-JSON part contributes to a fingerprint. A config section: its fields (nested sections come back
+    here), where a user's model directory (`model.path`, a `backend: local` ModelCallConfig) is replaced by the
+    digest of its files, so weights rewritten in place rerun the stages built on them and the same weights moved
+    elsewhere reuse them. A name that is no directory (a served model, a hub id) stays as written."""
+    if not dataclasses.is_dataclass(part) or isinstance(part, type):
+        return str(part)
+    if isinstance(part, ModelConfig) and part.path and Path(part.path).is_dir():
+        part = dataclasses.replace(part, path=f"sha256:{model_digest(Path(part.path))}")
+    elif isinstance(part, ModelCallConfig) and part.backend == "local" and Path(part.model).is_dir():
+        part = dataclasses.replace(part, model=f"sha256:{model_digest(Path(part.model))}")
+    return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+
+
 def save_config(cfg: RunConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    write_atomic(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def describe(section: Any = None, prefix: str = "") -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from raypipe.data.rows import Problem, counts_by_reason, rejected_row
 from raypipe.engines.base import SamplingSpec
 from raypipe.engines.checks import context_length, require_safetensors
 from raypipe.engines.text import prompt_too_long
+from raypipe.files import write_atomic
 from raypipe.ray_env import init_ray
 from raypipe.rollout.generation import EnginePool, generate_rows
 from raypipe.tasks import Problem as TaskProblem, Task, make_task
@@ -31,7 +32,12 @@ class EvalResult:
     rows: list[dict[str, Any]]
     generated_tokens: int
     set_aside: list[dict[str, Any]] = field(default_factory=list)
-    """Questions never sent to the engine, as {qid, problem}: a prompt with no room for its answer in the context."""
+    """Questions never sent to the engine, as {qid, question, problem}: a prompt with no room for its answer in the
+    context."""
+
+    def rejected(self) -> list[dict[str, Any]]:
+        """The set-aside questions as rejected.jsonl records (`qid`, `field`, `reason`, `error`, `raw`)."""
+        return [{"qid": s["qid"], **asdict(s["problem"]), "raw": s["question"]} for s in self.set_aside]
 
 
 def evaluate(pool: EnginePool, model_dir: str, tokenizer: PreTrainedTokenizerBase, task: Task,
@@ -46,7 +52,8 @@ def evaluate(pool: EnginePool, model_dir: str, tokenizer: PreTrainedTokenizerBas
         if why is None:
             rows.append({"qid": p.id, "question": p.question, "gold": p.gold, "prompt_ids": ids})
         else:
-            set_aside.append({"qid": p.id, "problem": Problem("question", "prompt_too_long", why)})
+            set_aside.append({"qid": p.id, "question": p.question,
+                              "problem": Problem("question", "prompt_too_long", why)})
     outputs = generate_rows(pool, model_dir, rows, SamplingSpec(n=1, temperature=0.0, max_tokens=max_new_tokens))
     graded = []
     for row in outputs:
@@ -98,7 +105,7 @@ def run_benchmark_eval(model_dir: Path, data: Path, task_cfg: TaskConfig, limit:
                     "max_new_tokens": max_new_tokens, "context": engine.max_model_len, "evaluated": result.n,
                     "correct": correct, "accuracy": result.accuracy, "rejected": len(rejected),
                     "rejected_by_reason": by_reason}
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     reasons = f" ({', '.join(f'{k} {v}' for k, v in by_reason.items())})" if by_reason else ""
     print(f"{data}: accuracy {result.accuracy:.4f} ({correct}/{result.n}), {len(rejected)} row(s) rejected{reasons}")
     return result

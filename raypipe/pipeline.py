@@ -146,7 +146,11 @@ class Pipeline:
             corpus = self.task.tokenizer_corpus(cfg.model.extra_corpus)
             return {"model_dir": str(save_tiny_model(cfg.model, corpus, out / "model")), **data}
 
-        return self.store.run(0, "init", (cfg.task, cfg.model), [], body)
+        init = self.store.run(0, "init", (cfg.task, cfg.model), [], body)
+        if cfg.model.path:  # fingerprinted by content: a matching init may have recorded the weights elsewhere
+            return StageResult(init.dir, {**init.manifest, "metrics": {**init.metrics, "model_dir": str(
+                Path(cfg.model.path).resolve())}})
+        return init
 
     def sft_data(self, init: StageResult) -> StageResult:
         """The worked solutions as SFT rows: round 0's SFT, the `sft` / `rft` / `aft` methods and the control."""
@@ -245,12 +249,13 @@ class Pipeline:
             provenance = {"round": r, "method": cfg.method, "model_version": model_dir(policy)}
             if method.branches:
                 provenance["localiser"] = cfg.branch.localiser
-            rows = method.build(BuildInputs(
+            built = BuildInputs(
                 cfg=cfg, round=r, worked=worked.rows(), graded=graded.rows() if graded else [],
                 branched=extra.rows() if method.branches else [],
                 corrections=extra.rows() if method.corrects else [], eos_id=self.tokenizer.eos_token_id,
-                decode=self.decode, encode=self.encode, step_ends=self.step_ends, provenance=provenance))
-            metrics: dict[str, Any] = {"rows": write_rows(out, rows)}
+                decode=self.decode, encode=self.encode, step_ends=self.step_ends, provenance=provenance)
+            rows = method.build(built)
+            metrics: dict[str, Any] = {"rows": write_rows(out, rows), **write_rejected(out, built.set_aside)}
             if method.branches:
                 metrics["rollouts_per_pair"] = extra.metrics["rollouts"] / len(rows) if rows else None
             if method.reference:  # preference pairs, also in TRL's format for other trainers
@@ -368,7 +373,7 @@ class Pipeline:
             result = evaluate(self.pool, model_dir(policy), self.tokenizer, self.task, test, self.cfg.eval.max_new_tokens)
             write_rows(out, result.rows)
             log.info("round %d %s: accuracy %.3f on %d problems", r, name, result.accuracy, result.n)
-            return {"accuracy": result.accuracy, "n": result.n, "set_aside": len(result.set_aside),
+            return {"accuracy": result.accuracy, "n": result.n, **write_rejected(out, result.rejected()),
                     "tokens_per_s": result.generated_tokens / (time.perf_counter() - start)}
 
         return self.store.run(r, name, (self.cfg.eval.max_new_tokens, self.cfg.task, self.cfg.engine), [policy], body)

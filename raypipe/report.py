@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raypipe.artifacts import StageResult
+from raypipe.files import write_atomic
 
 ROUND_STAGES = ("sample", "grade", "branch", "correct", "build", "reference", "train", "evaluate", "assessment_data",
                 "assess", "control", "evaluate_control")
@@ -47,7 +48,7 @@ def round_summary(r: int, method: str, seconds: dict[str, float],
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / "summary.json"
-    path.write_text(json.dumps(summary, indent=2))
+    write_atomic(path, json.dumps(summary, indent=2))
     return path
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from raypipe.artifacts import ArtifactStore, write_rows
 
 
@@ -69,3 +71,135 @@ def test_a_stage_built_on_a_deleted_siblings_stage_is_redone(tmp_path: Path) -> 
     again = ArtifactStore(tmp_path / "b", reuse_from=[tmp_path / "a"])
     again.run(1, "train", None, [again.run(0, "sft", None, [], _stage(calls, "sft"))], _stage(calls, "train"))
     assert calls == ["sft", "train", "sft", "train"], "same fingerprint, but built on an SFT that is gone"
+
+
+def test_the_code_that_made_a_stage_is_part_of_its_fingerprint(tmp_path: Path, monkeypatch) -> None:
+    from raypipe import artifacts
+
+    calls: list[str] = []
+    first = ArtifactStore(tmp_path).run(0, "a", None, [], _stage(calls, "a"))
+    assert first.manifest["code"] == artifacts.code_version()
+    ArtifactStore(tmp_path).run(0, "a", None, [], _stage(calls, "a"))
+    assert calls == ["a"], "the same code skips"
+    monkeypatch.setattr(artifacts, "code_version", lambda: "0.1.0+000000000000")
+    ArtifactStore(tmp_path).run(0, "a", None, [], _stage(calls, "a"))
+    assert calls == ["a", "a"], "other code reruns"
+
+
+def test_the_source_digest_covers_python_and_yaml_files_by_content(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    import raypipe
+    from raypipe.artifacts import source_digest
+
+    package = tmp_path / "raypipe"
+    shutil.copytree(Path(raypipe.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = source_digest(package)
+    os.utime(package / "artifacts.py", ns=(1, 1))
+    (package / "notes.txt").write_text("not code")
+    assert source_digest(package) == before, "timestamps and other files do not count"
+    examples = package / "lema" / "examples.yaml"
+    examples.write_text(examples.read_text() + "\n# an edit\n")
+    assert source_digest(package) != before
+
+
+def _model(folder: Path, weights: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "tokenizer.json").write_text('{"vocab": {}}')
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_a_user_model_enters_fingerprints_by_content_not_path(tmp_path: Path, monkeypatch) -> None:
+    """Weights rewritten in place rerun the stage; the same weights under another path reuse it."""
+    import shutil
+
+    from raypipe.config import ModelConfig, fingerprint
+    from raypipe.data_config import ModelCallConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = _model(tmp_path / "model", b"weights v1")
+    calls: list[str] = []
+
+    def run(path: Path) -> None:
+        ArtifactStore(tmp_path / "run").run(0, "init", ModelConfig(path=str(path)), [], _stage(calls, "init"))
+
+    run(model)
+    run(model)
+    assert calls == ["init"]
+    (model / "model.safetensors").write_bytes(b"weights v2")
+    run(model)
+    assert calls == ["init", "init"], "new weights under the same path rerun the stage"
+    shutil.copytree(model, tmp_path / "moved")
+    run(tmp_path / "moved")
+    assert calls == ["init", "init"], "the same files under another path are the same model"
+    local = lambda path: fingerprint(ModelCallConfig(backend="local", model=str(path)))
+    assert local(model) == local(tmp_path / "moved")
+    (tmp_path / "moved" / "config.json").write_text('{"model_type": "qwen2"}')
+    assert local(model) != local(tmp_path / "moved")
+    served = lambda name: fingerprint(ModelCallConfig(model=name))
+    assert served("raypipe") != served("other"), "a served model's name is not a directory: it counts as written"
+
+
+def test_an_unchanged_weight_file_is_not_hashed_again(tmp_path: Path, monkeypatch) -> None:
+    import json
+    import os
+
+    from raypipe import files
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = _model(tmp_path / "model", b"weights")
+    digest = files.model_digest(model)
+    cache = json.loads((tmp_path / "cache" / "raypipe" / "model_hashes.json").read_text())
+    entry = cache[str((model / "model.safetensors").resolve())]
+    assert (entry["size"], entry["sha256"]) == (7, files.file_sha256(model / "model.safetensors"))
+
+    def no_reading(path: Path) -> str:
+        raise AssertionError(f"{path} was read again")
+
+    monkeypatch.setattr(files, "file_sha256", no_reading)
+    assert files.model_digest(model) == digest, "same size and mtime: the cached digest stands"
+    os.utime(model / "model.safetensors", ns=(1, 1))  # rewritten (same size): a new mtime
+    with pytest.raises(AssertionError, match="model.safetensors was read again"):
+        files.model_digest(model)
+
+
+def test_an_atomic_write_that_fails_midway_leaves_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from raypipe.files import write_atomic
+
+    path = tmp_path / "summary.json"
+    write_atomic(path, "old")
+    with pytest.raises(UnicodeEncodeError):  # fails while writing: half of it would be on disk with write_text
+        write_atomic(path, "new " * 10_000 + "\ud800")
+    def disk_gone(*args: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", disk_gone)  # fails after writing, before the rename
+    with pytest.raises(OSError, match="disk gone"):
+        write_atomic(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_moved_model_skips_init_and_is_used_where_it_is_now(tiny_model_dir: Path, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    import shutil
+
+    from raypipe.config import RunConfig
+    from raypipe.pipeline import Pipeline
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    moved = shutil.copytree(tiny_model_dir, tmp_path / "moved")
+
+    def init(path: Path) -> Pipeline:
+        cfg = RunConfig(output_dir=str(tmp_path / "runs"))
+        cfg.model.path = str(path)
+        pipeline = Pipeline(cfg)
+        assert pipeline.init().metrics["model_dir"] == str(path.resolve())
+        return pipeline
+
+    init(tiny_model_dir)
+    assert init(moved).store.skipped == ["round_0/init"]

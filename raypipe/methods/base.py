@@ -30,3 +30,6 @@ class BuildInputs:
     """Exclusive token ends of each step of a completion's ids, as the task cuts steps."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Added to every row: round, method, localiser, model version."""
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
+    """Filled by the builder: each row of the round's data it could not use, as {qid, source, reason, error}. The
+    build stage writes them to rejected.jsonl and counts them by reason in its manifest (none left out silently)."""

@@ -20,19 +20,19 @@ def build(inputs: BuildInputs) -> list[dict[str, Any]]:
     max_length = inputs.cfg.lema.max_length
     rows = [{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"], "source": "cot", "qid": None,
              **inputs.provenance} for r in inputs.worked]
-    too_long = 0
     for c in inputs.corrections:
         if c["status"] != "kept":
             continue
         prompt = inputs.encode(correction_input(c["question"], c["steps"]))
         output = inputs.encode(Correction(c["incorrect_step"], c["explanation"], tuple(c["corrected"])).text())
         output.append(inputs.eos_id)
-        if len(prompt) + len(output) > max_length:  # cutting the input would cut the wrong solution: skip it
-            too_long += 1
+        if len(prompt) + len(output) > max_length:  # cutting the input would cut the wrong solution: set it aside
+            inputs.set_aside.append({"qid": c["qid"], "source": c["source"], "reason": "too_long", "error": (
+                f"{len(prompt) + len(output)} tokens, more than lema.max_length={max_length}")})
             continue
         rows.append({"input_ids": prompt + output, "loss_mask": [0] * len(prompt) + [1] * len(output),
                      "source": f"correction:{c['source']}", "qid": c["qid"], **inputs.provenance})
-    if too_long:
-        log.warning("lema: %d corrections are longer than lema.max_length=%d tokens and were left out", too_long,
-                    max_length)
+    if inputs.set_aside:
+        log.warning("lema: %d corrections are longer than lema.max_length=%d tokens and were set aside",
+                    len(inputs.set_aside), max_length)
     return rows

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raypipe.artifacts import ArtifactStore, write_rows
-from raypipe.config import RunConfig, save_config, to_dict
+from raypipe.config import RunConfig, save_config
 from raypipe.data.pairs import load_pairs
 from raypipe.data.rows import counts_by_reason
 from raypipe.engines import SamplingSpec, TextGenerator, make_text_generator
@@ -45,7 +45,7 @@ def run_realign(cfg: RunConfig) -> dict[str, Any]:
     inputs = {"input": file_version(source), "corpus": file_version(Path(cfg.realign.corpus).resolve())
               if cfg.realign.corpus else None, "web_search": bool(web_search_key(cfg))}
     store = ArtifactStore(run_dir)
-    stage = store.run(0, "realign", (to_dict(cfg.realign), inputs, cfg.engine), [],
+    stage = store.run(0, "realign", (cfg.realign, inputs, cfg.engine), [],
                       lambda out: realign_dataset(cfg, source, out))
     print_stats(stage.metrics, stage.dir)
     return stage.metrics
