@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 from raypipe.config import ConfigError, EngineConfig, TaskConfig, describe, load_config
+from raypipe.console import run_console
 from raypipe.data.benchmarks import DataError
 from raypipe.engines.text import EngineError
 
 log = logging.getLogger("raypipe")
+VERBOSE_HELP = ("also show the libraries' output (Ray workers, vLLM, DeepSpeed, warnings) on the terminal; it is "
+                "always in <run>/logs/console.log")
 
 
 def _fraction(text: str) -> float:
@@ -31,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the pipeline: initial SFT, then R rounds of the method")
     run.add_argument("config", help="YAML file under conf/")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3 rounds=2")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     ev = sub.add_parser("eval", help="greedy accuracy of any HF model directory on a JSONL benchmark")
     ev.add_argument("--model", required=True, help="local HF model directory")
     ev.add_argument("--data", required=True, help="JSONL file with `question` and `answer` fields")
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="every method from one SFT checkpoint, equal steps, several seeds")
     cmp.add_argument("config", help="comparison YAML, e.g. conf/compare.yaml")
     cmp.add_argument("overrides", nargs="*", help="dotted overrides of the comparison, e.g. seeds=[0,1]")
+    cmp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     srv = sub.add_parser("serve", help="serve a run's latest model (or any model folder): OpenAI API + demo page")
     srv.add_argument("model", help="a run folder, e.g. runs/quickstart, or a Hugging Face model folder")
     srv.add_argument("overrides", nargs="*", help="ServeConfig fields, e.g. max_tokens=256 device=cpu")
@@ -59,18 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             cfg = load_config(args.config, args.overrides)
-            if cfg.method == "realign":
-                from raypipe.realign.stage import run_realign
+            with run_console(cfg.run_dir / "logs", args.verbose):
+                if cfg.method == "realign":
+                    from raypipe.realign.stage import run_realign
 
-                run_realign(cfg)
-            else:
-                from raypipe.pipeline import Pipeline  # heavy imports only once the config is known to be good
+                    run_realign(cfg)
+                else:
+                    from raypipe.pipeline import Pipeline  # heavy imports only once the config is known to be good
 
-                Pipeline(cfg).run()
+                    Pipeline(cfg).run()
         elif args.command == "compare":
             from raypipe.compare import load_compare, run_compare
 
-            run_compare(load_compare(args.config, args.overrides))
+            cmp = load_compare(args.config, args.overrides)
+            with run_console(Path(cmp.output_dir) / cmp.name / "logs", args.verbose):
+                run_compare(cmp)
         elif args.command == "eval":
             from raypipe.evaluate import run_benchmark_eval
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raypipe.config import ConfigError, load_config, load_structured
+from raypipe.console import terminal
 from raypipe.files import write_atomic
 from raypipe.ray_env import init_ray
 
@@ -110,7 +111,7 @@ def run_compare(cmp: CompareConfig) -> dict[str, Any]:
     write_atomic(root / "compare.json", json.dumps(result, indent=2))
     write_atomic(root / "compare.md", markdown_table(result))
     plot_compare(result, root / "compare.png")
-    print(markdown_table(result))
+    terminal().print(markdown_table(result), markup=False, highlight=False, soft_wrap=True)
     return result
 
 

@@ -10,13 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from raypipe.artifacts import StageResult
+from raypipe.console import terminal
 from raypipe.files import write_atomic
 
 ROUND_STAGES = ("sample", "grade", "branch", "correct", "build", "reference", "train", "evaluate", "assessment_data",
                 "assess", "control", "evaluate_control")
 """Every stage a round can run, in order (a method runs a subset)."""
 PAIR_METHODS = ("dpo", "ipo", "stepdpo")
-SUMMARY_COLUMNS = ("round", "method", "accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs",
+SUMMARY_COLUMNS = ("accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs",
                    "mc_exact_agreement", "rollouts_per_pair", "assessment_before", "assessment_after",
                    "corrections_kept", "correction_pass_rate")
 
@@ -53,23 +54,24 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
 
 
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
-    """The per-round figures, then the wall time of every stage (stages as rows, rounds as columns)."""
-    console = console or Console(width=180)
-    table = Table(title=f"raypipe run '{summary['run']}' ({summary['method']})")
-    for column in SUMMARY_COLUMNS:
-        table.add_column(column, justify="right")
-    for row in summary["rounds"]:
-        table.add_row(*(_fmt(row[c]) for c in SUMMARY_COLUMNS))
-    console.print(table)
+    """The per-round figures, then the wall time of every stage: one row per figure, one column per round, so the
+    tables stay narrow (100 columns) however many figures a method reports. Figures no round has are left out."""
+    console = console or terminal()
+    rounds = summary["rounds"]
+    figures = Table(title=f"raypipe run '{summary['run']}' ({summary['method']})")
     timing = Table(title="stage seconds")
-    timing.add_column("stage")
-    stages: dict[str, list[str]] = {}
-    for row in summary["rounds"]:
-        timing.add_column(f"round {row['round']}", justify="right")
-        for name, seconds in row["stage_seconds"].items():
-            stages.setdefault(name, []).append(f"{seconds:.1f}")
-    for name, cells in stages.items():
-        timing.add_row(name, *cells)
+    for table, first in ((figures, "figure"), (timing, "stage")):
+        table.add_column(first)
+        for row in rounds:
+            table.add_column(f"round {row['round']}", justify="right")
+    for column in SUMMARY_COLUMNS:
+        cells = [_fmt(row[column]) for row in rounds]
+        if any(cell != "-" for cell in cells):
+            figures.add_row(column, *cells)
+    for name in dict.fromkeys(n for row in rounds for n in row["stage_seconds"]):
+        timing.add_row(name, *(f"{row['stage_seconds'][name]:.1f}" if name in row["stage_seconds"] else "-"
+                               for row in rounds))
+    console.print(figures)
     console.print(timing)
 
 

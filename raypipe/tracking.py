@@ -85,7 +85,7 @@ class Tracker:
             return
         import wandb
 
-        columns = list(SUMMARY_COLUMNS)
+        columns = ["round", "method", *SUMMARY_COLUMNS]
         tables = {"stages": wandb.Table(columns=["stage", "status", "seconds"], data=self.stages)}
         if summary["rounds"]:
             tables["summary"] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns]

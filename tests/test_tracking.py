@@ -82,8 +82,9 @@ def test_the_offline_run_holds_config_training_stages_rounds_and_tables(e2e_run:
         assert history[f"round/{key}"] == [round_1[key]]
 
     table = run.table("summary")
-    assert table["columns"] == list(SUMMARY_COLUMNS)
-    assert dict(zip(table["columns"], table["data"][0])) == {c: round_1[c] for c in SUMMARY_COLUMNS}
+    columns = ["round", "method", *SUMMARY_COLUMNS]
+    assert table["columns"] == columns
+    assert dict(zip(table["columns"], table["data"][0])) == {c: round_1[c] for c in columns}
     stages = {stage: status for stage, status, _ in run.table("stages")["data"]}
     assert stages == {label: "executed" for label in summary["stages_executed"]}
     assert [r["exit"]["exit_code"] for r in run.of_type("exit")] == [0]

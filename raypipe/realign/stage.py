@@ -22,6 +22,7 @@ from rich.table import Table
 
 from raypipe.artifacts import ArtifactStore, write_rows
 from raypipe.config import RunConfig, save_config
+from raypipe.console import terminal
 from raypipe.data.pairs import load_pairs
 from raypipe.data.rows import counts_by_reason
 from raypipe.engines import SamplingSpec, TextGenerator, make_text_generator
@@ -172,7 +173,7 @@ def decide(result: dict[str, Any], original: str, options: list[tuple[str | None
 
 
 def print_stats(metrics: dict[str, Any], stage_dir: Path, console: Console | None = None) -> None:
-    console = console or Console(width=120)
+    console = console or terminal()
     reasons = ", ".join(f"{k} {v}" for k, v in metrics.get("rejected_by_reason", {}).items())  # older manifests
     console.print(f"ReAlign: {metrics['rows']} rows, {metrics['rejected_rows']} rejected input rows set aside"
                   + (f" ({reasons})" if reasons else ""))
