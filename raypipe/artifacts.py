@@ -30,6 +30,8 @@ from raypipe.files import write_atomic
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 ROWS_FILE = "data.parquet"
+KEPT_FINGERPRINT = "stage_fingerprint"
+"""In a stage's `keep` folder: the fingerprint of the stage that wrote it."""
 
 
 @dataclass
@@ -72,8 +74,12 @@ class ArtifactStore:
         return self.run_dir / f"round_{round_idx}" / name
 
     def run(self, round_idx: int, name: str, config: Any, inputs: Sequence[StageResult],
-            body: Callable[[Path], dict[str, Any]]) -> StageResult:
-        """Run `body(stage_dir) -> metrics` unless an identical run of this stage is already on disk."""
+            body: Callable[[Path], dict[str, Any]], keep: str | None = None) -> StageResult:
+        """Run `body(stage_dir) -> metrics` unless an identical run of this stage is already on disk.
+
+        `keep` names a subfolder (a training stage's checkpoints) that survives the rerun of an unfinished stage
+        made under the same fingerprint; the store writes that fingerprint into it as KEPT_FINGERPRINT, and removes
+        it once the body has returned (its output is complete, the checkpoints are spent)."""
         out = self.stage_dir(round_idx, name)
         label = f"round_{round_idx}/{name}"
         fp = fingerprint(code_version(), name, config, [i.fingerprint for i in inputs])
@@ -89,12 +95,12 @@ class ArtifactStore:
                     and _same_inputs(manifest, other, inputs)):
                 log.info("reuse %s from %s (fingerprint matches)", label, other)
                 return self._resolved(label, "reused", StageResult(theirs, manifest))
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        _clear(out, keep, fp)
         log.info("run %s", label)
         start = time.perf_counter()
         metrics = body(out)
+        if keep:
+            shutil.rmtree(out / keep, ignore_errors=True)
         manifest = {
             "stage": name, "round": round_idx, "fingerprint": fp, "code": code_version(),
             "inputs": inputs_at,
@@ -132,6 +138,25 @@ def source_digest(package: Path) -> str:
     for name in sorted(files):
         digest.update(f"{name}\0{len(data := files[name].read_bytes())}\0".encode() + data)
     return digest.hexdigest()[:12]
+
+
+def _clear(out: Path, keep: str | None, fp: str) -> None:
+    """Empty an unfinished stage's folder, except `keep` when this fingerprint wrote it: a killed training stage
+    resumes from its own checkpoints, never from those of another config or other inputs."""
+    kept = out / keep if keep else None
+    stamp = kept / KEPT_FINGERPRINT if kept else None
+    resumable = stamp is not None and stamp.is_file() and stamp.read_text() == fp
+    for path in list(out.iterdir()) if out.exists() else []:
+        if path == kept and resumable:
+            log.info("keep %s (same fingerprint)", path)
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if stamp is not None:
+        stamp.parent.mkdir(exist_ok=True)
+        stamp.write_text(fp)
 
 
 def write_rows(stage_dir: Path, rows: Sequence[dict[str, Any]], name: str = ROWS_FILE) -> int:

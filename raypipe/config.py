@@ -163,6 +163,11 @@ class TrainConfig:
     """bfloat16 mixed precision (GPUs; fp32 on CPU)."""
     log_every_steps: int = 20
     """Metrics logging interval."""
+    checkpoint_every_steps: int = 200
+    """Save a Ray Train checkpoint (DeepSpeed model, optimiser and schedule, step, RNG) into the stage's
+    `checkpoints/` every N optimiser steps; a killed training stage resumes from the last one. 0: never. 200: a
+    kill costs at most 200 steps (about 80 s of the quickstart's 700-800-step, 5-minute SFT), and the pause for each
+    write (weights plus Adam states, three times the model) stays rare; raise it for large models."""
 
 
 @dataclass

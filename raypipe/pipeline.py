@@ -44,7 +44,7 @@ from raypipe.tasks.checks import check_task
 from raypipe.tracking import Tracker
 from raypipe.train.objectives import SFTObjective
 from raypipe.train.reference import add_reference_logps, score_sequences
-from raypipe.train.trainer import DevEval, TrainJob, run_training
+from raypipe.train.trainer import CHECKPOINTS, DevEval, TrainJob, run_training
 from raypipe.update_config import UpdateConfig
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ class Pipeline:
                                                         cfg.eval.max_new_tokens))
             return self._train(job, out, "sft")
 
-        return self.store.run(0, "sft", (warmup, cfg.train, cfg.eval.max_new_tokens), [data, init], body)
+        return self.store.run(0, "sft", (warmup, cfg.train, cfg.eval.max_new_tokens), [data, init], body,
+                              keep=CHECKPOINTS)
 
     # ---- round r -----------------------------------------------------------------------------------------
 
@@ -313,7 +314,7 @@ class Pipeline:
             return self._train(job, out, f"round_{r}/train")
 
         fingerprint = (cfg.method, settings, cfg.round_steps, cfg.train, cfg.seed)
-        return self.store.run(r, "train", fingerprint, [data, policy], body)
+        return self.store.run(r, "train", fingerprint, [data, policy], body, keep=CHECKPOINTS)
 
     def assessment_data(self, r: int, policy: StageResult) -> StageResult:
         """Chains sampled by the round's starting policy on dev questions, for assessment accuracy."""
@@ -362,7 +363,8 @@ class Pipeline:
                            lora=cfg.sft.lora)
             return self._train(job, out, f"round_{r}/control")
 
-        return self.store.run(r, "control", (cfg.sft, steps, cfg.train, cfg.seed), [previous, worked], body)
+        return self.store.run(r, "control", (cfg.sft, steps, cfg.train, cfg.seed), [previous, worked], body,
+                              keep=CHECKPOINTS)
 
     def evaluate(self, r: int, name: str, policy: StageResult) -> StageResult:
         """Greedy accuracy on the held-out test split."""
@@ -396,10 +398,12 @@ class Pipeline:
         return {"epochs": 10_000, "max_steps": self.cfg.round_steps}
 
     def _train(self, job: TrainJob, out: Path, prefix: str) -> dict[str, Any]:
-        result = run_training(job, self.cfg.train)
+        """Run a training stage's job, checkpointing into the stage's folder the store keeps for a rerun."""
+        result = run_training(replace(job, checkpoint_dir=str(out / CHECKPOINTS)), self.cfg.train)
         self.tracker.log_training(out / "train_log.jsonl", prefix, result.dev_history)
         return {"model_dir": result.output_dir, "steps": result.steps, "train_seconds": result.seconds,
-                "tokens_per_s": result.tokens_per_s, "final": result.metrics, "dev_history": result.dev_history}
+                "tokens_per_s": result.tokens_per_s, "final": result.metrics, "dev_history": result.dev_history,
+                "resumed_from_step": result.resumed_from_step, "dropped": result.dropped}
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

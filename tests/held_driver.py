@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from raypipe import artifacts, cli
 
@@ -23,9 +24,9 @@ def _hold_stage(label: str) -> None:
     run_stage = artifacts.ArtifactStore.run
 
     def run(self: artifacts.ArtifactStore, round_idx: int, name: str, config: Any, inputs: Any,
-            body: Callable[[Path], dict[str, Any]]) -> artifacts.StageResult:
+            body: Callable[[Path], dict[str, Any]], keep: str | None = None) -> artifacts.StageResult:
         if f"round_{round_idx}/{name}" != label:
-            return run_stage(self, round_idx, name, config, inputs, body)
+            return run_stage(self, round_idx, name, config, inputs, body, keep)
 
         def held_body(out: Path) -> dict[str, Any]:
             body(out)
@@ -33,7 +34,7 @@ def _hold_stage(label: str) -> None:
             while True:
                 time.sleep(1)
 
-        return run_stage(self, round_idx, name, config, inputs, held_body)
+        return run_stage(self, round_idx, name, config, inputs, held_body, keep)
 
     artifacts.ArtifactStore.run = run  # type: ignore[method-assign]
 

@@ -4,7 +4,8 @@ final artefacts with the uninterrupted e2e run's round (same checkpoint, same se
 Every rerun is the user's own command in a fresh process; the test watches the run folder from outside and kills
 the driver once the stage has output on disk but no manifest: mid-write for a stage that writes as it goes
 (sampling), and at worst just before the commit for a stage that takes milliseconds (grading), which
-`tests.held_driver` holds there so that the kill cannot miss it. Sampling is
+`tests.held_driver` holds there so that the kill cannot miss it. A training stage (train, control) is killed once
+it has registered a checkpoint (one every step here), and its rerun must resume from it. Sampling is
 seeded per prompt, so the resumed run draws the same chains, rollouts and pairs; training is not bit-reproducible
 on CPU, so from the trained model on only counts and keys are compared.
 """
@@ -18,18 +19,27 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
-from raypipe.artifacts import MANIFEST
+from raypipe.artifacts import KEPT_FINGERPRINT, MANIFEST, ArtifactStore
+from raypipe.train.trainer import CHECKPOINTS
 from tests.conftest import E2E_OVERRIDES
+from tests.held_driver import HELD_MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
-EXACT_STAGES = ("sample", "grade", "branch", "build", "reference")
+EXACT_STAGES = ("sample", "grade", "branch", "build", "reference", "assessment_data")
 """Stages whose rows depend only on the checkpoint and the seed: equal to the uninterrupted run's, row by row."""
+TRAINING_STAGES = ("train", "control")
+KILLED = ("sample", "grade", "branch", "build", "reference", "train", "evaluate", "assessment_data", "assess",
+          "control")
+"""In the order the round runs them (evaluate_control, the last, is left to the final rerun)."""
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of the registered checkpoints, in the run folder: written once a checkpoint is complete."""
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 """Per-node helpers that run no user code and exit about a minute after their raylet (measured: 65 s)."""
 KEYS = {"sample": ("qid", "sample_idx"), "grade": ("qid", "sample_idx"), "branch": ("qid", "sample_idx"),
@@ -51,8 +61,13 @@ def _writing(stage_dir: Path) -> bool:
             and any(p.is_file() for p in stage_dir.rglob("*")))
 
 
-def _run_until_killed(command: list[str], stage_dir: Path, log: Path) -> None:
-    """Start the run holding `stage_dir`'s stage before its commit, SIGKILL the driver once the stage is writing,
+def _checkpointed(stage_dir: Path) -> bool:
+    """The training stage has a complete checkpoint to resume from."""
+    return (stage_dir / CHECKPOINTS / SNAPSHOT).is_file()
+
+
+def _run_until_killed(command: list[str], stage_dir: Path, log: Path, ready: Callable[[Path], bool]) -> None:
+    """Start the run holding `stage_dir`'s stage before its commit, SIGKILL the driver once `ready(stage_dir)`,
     and check that the local Ray it started (GCS, raylet, engine actors, training workers) went down with it: Ray
     ties them to the driver, and a survivor could still write into the stage the rerun redoes."""
     label = f"{stage_dir.parent.name}/{stage_dir.name}"
@@ -60,8 +75,9 @@ def _run_until_killed(command: list[str], stage_dir: Path, log: Path) -> None:
     with log.open("a") as out:
         driver = subprocess.Popen(held, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
-        while not _writing(stage_dir):
-            assert driver.poll() is None, f"the run ended before {stage_dir.name} wrote anything (see {log})"
+        while not ready(stage_dir):
+            assert driver.poll() is None, f"the run ended before {stage_dir.name} was ready (see {log})"
+            assert not (stage_dir / HELD_MARKER).exists(), f"{stage_dir.name} finished before it was ready"
             time.sleep(0.01)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
@@ -90,6 +106,24 @@ def _session(sid: int, skip: tuple[str, ...] = ()) -> list[int]:
     return found
 
 
+def test_an_unfinished_stage_keeps_its_checkpoints_only_under_the_same_fingerprint(tmp_path: Path) -> None:
+    """The store clears an unfinished stage before rerunning it, except the `keep` folder written under the same
+    fingerprint: a killed training stage resumes from its checkpoints, and a changed config starts afresh."""
+    store, seen = ArtifactStore(tmp_path), []
+
+    def killed(out: Path) -> dict[str, Any]:
+        seen.append(sorted(str(p.relative_to(out)) for p in out.rglob("*")))
+        (out / "partial.bin").touch()
+        (out / CHECKPOINTS / "step_1").mkdir(exist_ok=True)
+        raise KeyboardInterrupt
+
+    for lr in (1, 1, 2):
+        with pytest.raises(KeyboardInterrupt):
+            store.run(1, "train", {"lr": lr}, [], killed, keep=CHECKPOINTS)
+    stamp = f"{CHECKPOINTS}/{KEPT_FINGERPRINT}"
+    assert seen == [[CHECKPOINTS, stamp], [CHECKPOINTS, stamp, f"{CHECKPOINTS}/step_1"], [CHECKPOINTS, stamp]]
+
+
 @pytest.fixture(scope="module")
 def resumed(e2e_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The e2e round rerun from the e2e SFT checkpoint, killed once inside each of its stages, then finished."""
@@ -97,11 +131,12 @@ def resumed(e2e_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     out = tmp_path_factory.mktemp("resume")
     command = [sys.executable, "-m", "raypipe", "run", str(ROOT / "conf" / "quickstart.yaml"), *E2E_OVERRIDES,
                f"model.path={baseline / 'round_0' / 'sft' / 'model'}", "warmup.max_steps=0", f"output_dir={out}",
-               "name=resumed", "wandb.mode=disabled", "control.enabled=false", "eval.assessment_questions=0"]
+               "name=resumed", "wandb.mode=disabled", "train.checkpoint_every_steps=1"]
     run_dir, log = out / "resumed", out / "driver.log"
     killed = []
-    for stage in (*EXACT_STAGES, "train", "evaluate"):
-        _run_until_killed(command, run_dir / "round_1" / stage, log)
+    for stage in KILLED:
+        ready = _checkpointed if stage in TRAINING_STAGES else _writing
+        _run_until_killed(command, run_dir / "round_1" / stage, log, ready)
         killed.append(stage)
     with log.open("a") as output:
         finished = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT, timeout=900)
@@ -111,10 +146,11 @@ def resumed(e2e_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def test_every_stage_was_killed_in_progress_and_the_rerun_finished(resumed: dict[str, Any]) -> None:
-    assert resumed["killed"] == [*EXACT_STAGES, "train", "evaluate"]
+    assert resumed["killed"] == list(KILLED)
     summary = resumed["summary"]
-    assert summary["stages_executed"] == ["round_1/evaluate"], "the last rerun redid only the killed stage"
-    assert {"round_1/sample", "round_1/train"} <= set(summary["stages_skipped"])
+    assert summary["stages_executed"] == ["round_1/control", "round_1/evaluate_control"], (
+        "the last rerun redid only the killed stage and the one after it")
+    assert {"round_1/sample", "round_1/train", "round_1/assess"} <= set(summary["stages_skipped"])
 
 
 @pytest.mark.parametrize("stage", EXACT_STAGES)
@@ -125,12 +161,18 @@ def test_seeded_stages_equal_the_uninterrupted_run(resumed: dict[str, Any], stag
         {k: v for k, v in r.items() if k not in drop} for r in theirs]
 
 
-@pytest.mark.parametrize("stage", ("train", "evaluate"))
+@pytest.mark.parametrize("stage", (*TRAINING_STAGES, "evaluate", "evaluate_control", "assess"))
 def test_trained_stages_match_in_counts_and_keys(resumed: dict[str, Any], stage: str) -> None:
     mine, theirs = (_manifest(d / "round_1" / stage)["metrics"] for d in (resumed["run_dir"], resumed["baseline"]))
-    if stage == "train":
-        assert mine["steps"] == theirs["steps"] > 0
+    if stage in TRAINING_STAGES:
+        assert mine["steps"] == theirs["steps"] > mine["resumed_from_step"] > 0, "resumed from a checkpoint"
+        assert theirs["resumed_from_step"] == 0 and mine["dropped"] == {"shard_equalise": 0}
         assert (Path(mine["model_dir"]) / "model.safetensors").is_file()
+        assert not (resumed["run_dir"] / "round_1" / stage / CHECKPOINTS).exists(), "spent checkpoints removed"
+    elif stage == "assess":  # the same chains scored by the same start model; the trained one differs
+        assert len(_rows(resumed["run_dir"] / "round_1" / stage)) == len(_rows(resumed["baseline"] / "round_1" / stage))
+        assert mine["assessment_before"] == pytest.approx(theirs["assessment_before"])
+        assert 0.0 <= mine["assessment_after"] <= 1.0
     else:
         rows = _rows(resumed["run_dir"] / "round_1" / stage)
         assert mine["n"] == theirs["n"] == len(rows)
@@ -152,3 +194,21 @@ def test_no_duplicates_and_consistent_manifests(resumed: dict[str, Any]) -> None
             assert _manifest(run_dir / relative)["fingerprint"] == fingerprint, (stage_dir, relative)
     leftovers = [p for p in run_dir.glob("round_*/*") if not (p / MANIFEST).exists()]
     assert not leftovers, f"half-written stages left behind: {leftovers}"
+
+
+def test_lema_correct_stage_killed_in_progress_is_redone_identically(e2e_run: dict, tmp_path: Path) -> None:
+    """LEMA's correct stage (the policy's seeded mistakes, corrected): killed once its rows are written, before its
+    commit; the rerun redoes it (and is killed in the next stage, build, to spare the round's training) and writes
+    the same rows."""
+    baseline = e2e_run["cfg"].run_dir
+    command = [sys.executable, "-m", "raypipe", "run", str(ROOT / "conf" / "quickstart.yaml"), *E2E_OVERRIDES,
+               f"model.path={baseline / 'round_0' / 'sft' / 'model'}", "warmup.max_steps=0",
+               f"output_dir={tmp_path}", "name=lema", "wandb.mode=disabled", "method=lema", "round_steps=4",
+               "sampling.questions_per_round=24", "control.enabled=false", "eval.assessment_questions=0"]
+    correct, log = tmp_path / "lema" / "round_1" / "correct", tmp_path / "driver.log"
+    _run_until_killed(command, correct, log, lambda stage_dir: (stage_dir / HELD_MARKER).exists())
+    written = _rows(correct)
+    _run_until_killed(command, tmp_path / "lema" / "round_1" / "build", log, _writing)
+    metrics = _manifest(correct)["metrics"]
+    assert _rows(correct) == written and written, "the same mistakes and corrections"
+    assert metrics["kept"] == sum(r["status"] == "kept" for r in written) > 0

@@ -1,11 +1,18 @@
 """The Ray Train + DeepSpeed loop: SFT, Step-DPO with precomputed reference log-probs, AFT, ZeRO-3 on 2 CPU
-workers, and the dev-accuracy stop. Four TorchTrainer fits in all (10-20 s each here); the rest are pure-function
-tests."""
+workers, the dev-accuracy stop, and a run killed after a checkpoint then resumed. Six TorchTrainer fits in all
+(10-20 s each here, one in a driver of its own); the rest are pure-function tests."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -19,9 +26,10 @@ from raypipe.data.synthetic import load_splits
 from raypipe.ray_env import init_ray
 from raypipe.train.collate import pad_sequences, truncate_left
 from raypipe.train.loop import lr_factor
-from raypipe.train.reference import add_reference_logps
 from raypipe.train.objectives import AFTObjective, PreferenceObjective, SFTObjective
+from raypipe.train.reference import add_reference_logps
 from raypipe.train.trainer import DevEval, TrainJob, run_training
+from tests.test_resume import ROOT, SNAPSHOT, _session
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +114,22 @@ def test_dev_stop_rule_needs_target_or_a_plateau_above_min_accuracy() -> None:
     assert dev.should_stop([0.3, 0.35, 0.34, 0.37]) is None
 
 
-def test_sft_zero2_learns_logs_and_exports(ray_cluster, tiny_model_dir: Path, splits, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def sft_zero2(ray_cluster, tiny_model_dir: Path, splits, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """8 uninterrupted SFT steps (2 epochs of 64 rows), no checkpoints: the run a resumed one must match."""
+    tmp_path = tmp_path_factory.mktemp("sft_zero2")
     data = _sft_parquet(tiny_model_dir, splits["sft"][:64], tmp_path / "sft.parquet")
     job = TrainJob(objective=SFTObjective(), model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
                    data_path=str(data), optim=OptimConfig(lr=3e-3, warmup_steps=2, batch_size=16), epochs=2,
                    log_path=str(tmp_path / "log.jsonl"))
-    result = run_training(job, TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1))
-    lines = _log_lines(tmp_path / "log.jsonl")
+    return {"job": job, "result": run_training(job, TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1))}
+
+
+def test_sft_zero2_learns_logs_and_exports(sft_zero2: dict, tiny_model_dir: Path) -> None:
+    result, data = sft_zero2["result"], Path(sft_zero2["job"].data_path)
+    lines = _log_lines(Path(sft_zero2["job"].log_path))
     assert result.steps == 8 and result.stop_reason == "epochs"
+    assert result.resumed_from_step == 0 and result.dropped == {"shard_equalise": 0}
     assert [line["step"] for line in lines] == list(range(1, 9))
     assert lines[-1]["loss"] < lines[0]["loss"] - 0.5, [line["loss"] for line in lines]
     assert {"loss", "lr", "tokens_per_s"} <= lines[0].keys()
@@ -121,6 +137,42 @@ def test_sft_zero2_learns_logs_and_exports(ray_cluster, tiny_model_dir: Path, sp
     assert (Path(result.output_dir) / "tokenizer.json").is_file()
     assert _changed(tiny_model_dir, result.output_dir)
     assert _sft_loss(result.output_dir, data) < _sft_loss(tiny_model_dir, data) - 0.5
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(sft_zero2: dict, tmp_path: Path) -> None:
+    """SIGKILL a driver training `sft_zero2`'s job with a checkpoint every 2 steps once one is registered, rerun
+    the job: it starts at the checkpoint's step, trains the remaining batches in the same order, logs each step
+    once and ends with the uninterrupted run's weights."""
+    checkpoints = tmp_path / "checkpoints"
+    job = replace(sft_zero2["job"], output_dir=str(tmp_path / "out"), log_path=str(tmp_path / "log.jsonl"),
+                  checkpoint_dir=str(checkpoints))
+    cfg = TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1, checkpoint_every_steps=2)
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps((job, cfg)))
+    code = ("import pickle, sys; from raypipe.ray_env import init_ray; from raypipe.train.trainer import run_training; "
+            "job, cfg = pickle.loads(open(sys.argv[1], 'rb').read()); init_ray(8); run_training(job, cfg)")
+    with (tmp_path / "driver.log").open("w") as out:
+        driver = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "job.pkl")], stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    try:
+        while not (checkpoints / SNAPSHOT).is_file():
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(0.01)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        for pid in _session(driver.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert not Path(job.output_dir).exists(), "killed before the export"
+    latest = json.loads((checkpoints / SNAPSHOT).read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    step = int(latest.removeprefix("step_"))
+
+    result = run_training(job, cfg)
+    assert result.resumed_from_step == step and step in (2, 4, 6)
+    assert result.steps == sft_zero2["result"].steps == 8 and result.stop_reason == "epochs"
+    assert [line["step"] for line in _log_lines(tmp_path / "log.jsonl")] == list(range(1, 9))
+    assert result.tokens == sft_zero2["result"].tokens, "the same batches, each trained once"
+    mine, theirs = _weights(result.output_dir), _weights(sft_zero2["result"].output_dir)
+    assert all(torch.allclose(mine[k], theirs[k], atol=1e-5) for k in theirs), "the uninterrupted run's weights"
 
 
 def test_dpo_starts_at_log2_with_precomputed_reference(ray_cluster, tiny_model_dir: Path, splits,
@@ -150,7 +202,7 @@ def test_dpo_starts_at_log2_with_precomputed_reference(ray_cluster, tiny_model_d
 
 def test_zero3_two_workers_stops_at_first_dev_eval(ray_cluster, tiny_model_dir: Path, splits,
                                                     tmp_path: Path) -> None:
-    data = _sft_parquet(tiny_model_dir, splits["sft"][:64], tmp_path / "sft.parquet")
+    data = _sft_parquet(tiny_model_dir, splits["sft"][:63], tmp_path / "sft.parquet")  # odd: one row left out
     dev = DevEval(prompts=[p.prompt for p in splits["dev"][:9]], answers=[str(p.answer) for p in splits["dev"][:9]],
                   kind="synthetic", every_steps=2, target_accuracy=0.0, max_new_tokens=8)
     job = TrainJob(objective=SFTObjective(), model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
@@ -158,6 +210,7 @@ def test_zero3_two_workers_stops_at_first_dev_eval(ray_cluster, tiny_model_dir: 
                    max_steps=6, dev_eval=dev, log_path=str(tmp_path / "log.jsonl"))
     result = run_training(job, TrainConfig(num_workers=2, cpus_per_worker=1, zero_stage=3, log_every_steps=1))
     assert result.stop_reason == "target" and result.steps == 2
+    assert result.dropped == {"shard_equalise": 1}, "31 rows on each of the 2 ranks"
     assert [r["step"] for r in result.dev_history] == [2] and result.dev_history[0]["accuracy"] >= 0.0
     assert [line["step"] for line in _log_lines(tmp_path / "log.jsonl")] == [1, 2]
     assert _changed(tiny_model_dir, result.output_dir)

@@ -3,14 +3,21 @@
 Every rank runs the same number of steps, log intervals, dev evaluations and `ray.train.report` calls, so the
 collectives inside (DeepSpeed's and ours) always line up. The rank's shard is read into memory once: iterating a
 Ray Data shard anew each epoch costs about a second per epoch on a small CPU, which small rounds cannot afford.
+
+Every `checkpoint_every` steps each rank saves its part of a DeepSpeed checkpoint (weights, optimiser, lr schedule)
+plus its RNG, and Ray Train merges the parts into one checkpoint of the job's run folder. A rerun of the job starts
+from the latest one: same step counter, same schedule position, and the batches already trained on are skipped, so
+the data order is the uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-
 
 if TYPE_CHECKING:
     from raypipe.config import OptimConfig, TrainConfig
@@ -33,6 +39,8 @@ SUMMARY_FILE = "train_summary.json"
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
                     "*.jinja", "*.tiktoken", "spiece.model")
 """What the export copies from the start directory (weights and config come from the trained model)."""
+_DS_TAG = "deepspeed"
+"""DeepSpeed's tag (sub-folder) inside each Ray Train checkpoint."""
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -76,7 +84,8 @@ class _Interval:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker function: load, train, log, evaluate on dev, export, report."""
+    """Ray Train worker function: load (resuming from Ray Train's latest checkpoint if any), train, log, evaluate
+    on dev, checkpoint, export, report."""
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -84,6 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     job: TrainJob = config["job"]
     cfg: TrainConfig = config["train"]
+    checkpoint_every: int = config["checkpoint_every"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -120,16 +130,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir, trust_remote_code=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    checkpoint = ray.train.get_checkpoint()
+    state = _restore(engine, checkpoint, rank, job.log_path) if checkpoint else {}
+    resumed_from = state.get("step", 0)
     if rank == 0:
-        log.warning("%s: %d rows/rank x %d ranks, micro-batch %d, %d steps, ZeRO-%d; reading the shard took "
+        log.warning("%s: %d rows/rank x %d ranks, micro-batch %d, %d steps, ZeRO-%d%s; reading the shard took "
                     "%.1f s, model + DeepSpeed engine %.1f s", job.kind, n_rows, world, micro, total, cfg.zero_stage,
-                    read_seconds, time.perf_counter() - started - read_seconds)
+                    f", resumed at step {resumed_from}" if checkpoint else "", read_seconds,
+                    time.perf_counter() - started - read_seconds)
 
-    interval, dev_history, metrics = _Interval(), [], {}
-    tokens_total, train_seconds, step, stop_reason = 0, 0.0, 0, "epochs"
+    interval, dev_history, metrics = _Interval(), state.get("dev_history", []), state.get("metrics", {})
+    tokens_total, train_seconds = state.get("tokens", 0), state.get("train_seconds", 0.0)
+    step, stop_reason = resumed_from, "epochs"
     generator = torch.Generator().manual_seed(job.seed * 1000 + rank)
+    batches = itertools.islice(_batches(rows, n_rows, micro, job.epochs, generator), resumed_from, None)
     mark = time.perf_counter()  # train time = loop wall time minus dev evaluation (logging included)
-    for step, batch in enumerate(_batches(rows, n_rows, micro, job.epochs, generator), start=1):
+    for step, batch in enumerate(batches, start=resumed_from + 1):
         lr = engine.lr_scheduler.get_last_lr()[0]
         _train_step(engine, job, batch, pad_id, interval)
         now = time.perf_counter()
@@ -146,6 +162,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if reason is not None:
                 stop_reason = reason
                 break
+        if checkpoint_every and step % checkpoint_every == 0 and step < total:
+            if interval.steps:  # totals in the checkpoint are exact: log the partial interval first
+                metrics, tokens_total, train_seconds = _log(interval, job, step, total, lr, device, world, rank,
+                                                            tokens_total, train_seconds)
+                interval = _Interval()
+            _save_checkpoint(engine, rank, {"step": step, "tokens": tokens_total, "train_seconds": train_seconds,
+                                            "metrics": metrics, "dev_history": dev_history})
+            mark = time.perf_counter()
         if step >= total:
             stop_reason = "max_steps" if job.max_steps is not None and job.max_steps <= planned else "epochs"
             break
@@ -154,13 +178,53 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                     tokens_total, train_seconds)
     summary = {"step": step, "tokens": tokens_total, "train_seconds": train_seconds,
                "tokens_per_s": tokens_total / max(train_seconds, 1e-9), "metrics": metrics,
-               "dev_history": dev_history, "stop_reason": stop_reason}
+               "dev_history": dev_history, "stop_reason": stop_reason, "resumed_from_step": resumed_from,
+               "rows_per_rank": n_rows}
     _export(engine, job, zero3, rank, summary)
     del hf_zero3
     # Once, at the end: each report blocks until the controller polls (every 2 s), so per-interval reports
     # would dominate a small model's step time. Train V2 only returns metrics with checkpoints: the driver
     # reads the summary file instead.
     ray.train.report(summary)
+
+
+def _save_checkpoint(engine: Any, rank: int, state: dict[str, Any]) -> None:
+    """Every rank: its part of DeepSpeed's checkpoint (rank 0 the weights and `state`, each rank its optimiser
+    shard) and its RNG state, handed to Ray Train, which merges the ranks' folders into one checkpoint."""
+    import ray.train
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=_DS_TAG, client_state=state)
+        torch.save(_rng_state(), Path(folder) / f"rng_rank{rank}.pt")
+        ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"step_{state['step']:07d}")
+    if rank == 0:
+        log.warning("checkpoint at step %d (%.1f s)", state["step"], time.perf_counter() - start)
+
+
+def _restore(engine: Any, checkpoint: Any, rank: int, log_path: str | None) -> dict[str, Any]:
+    """Load a `_save_checkpoint` checkpoint into the engine and this rank's RNG; return its state. Rank 0 cuts the
+    log back to the checkpoint's step, so the steps trained again are not logged twice."""
+    with checkpoint.as_directory() as folder:
+        _, state = engine.load_checkpoint(folder, tag=_DS_TAG)
+        rng = torch.load(Path(folder) / f"rng_rank{rank}.pt")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    if rank == 0 and log_path and Path(log_path).is_file():
+        lines = Path(log_path).read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= state["step"]]
+        Path(log_path).write_text("".join(line + "\n" for line in kept))
+    return state
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """torch's CPU RNG, and the current GPU's when there is one (dropout draws from them)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _hf_zero3_config(ds_config: dict[str, Any]) -> Any:

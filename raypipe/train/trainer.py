@@ -2,7 +2,8 @@
 
 `run_training` is called on the driver (after `ray.init`). It reads the round's Parquet rows as a Ray Dataset and
 starts a `TorchTrainer` whose workers run `raypipe.train.loop.train_loop_per_worker`. The result comes back from
-rank 0's last `ray.train.report`; the trained weights come back as a normal Hugging Face directory.
+rank 0's last `ray.train.report`; the trained weights come back as a normal Hugging Face directory. A job with a
+`checkpoint_dir` checkpoints there and resumes from it (raypipe.train.loop).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from raypipe.config import OptimConfig, TrainConfig, WarmupConfig
-from raypipe.update_config import LoRAConfig
 from raypipe.train.objectives import Objective
+from raypipe.update_config import LoRAConfig
 
 STOP_REASONS = ("target", "plateau", "max_steps", "epochs")
+CHECKPOINTS = "checkpoints"
+"""A training stage's checkpoint folder (`TrainJob.checkpoint_dir`), kept when a killed stage is rerun."""
 
 
 @dataclass
@@ -97,6 +100,10 @@ class TrainJob:
     dev_eval: DevEval | None = None
     lora: LoRAConfig | None = None
     """LoRA adapters instead of full fine-tuning when its rank is > 0; the export is the merged model."""
+    checkpoint_dir: str | None = None
+    """Ray Train's run folder for this job: a checkpoint every `train.checkpoint_every_steps` steps, and a rerun
+    resumes from the latest one there, so it must belong to this very job (the pipeline keeps it only under the
+    same stage fingerprint, and removes it once the stage is done). None: no checkpoints."""
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or (self.max_steps is not None and self.max_steps <= 0):
@@ -122,33 +129,44 @@ class TrainResult:
     dev_history: list[dict[str, float]]
     stop_reason: str
     output_dir: str
+    resumed_from_step: int
+    """The checkpoint's step this run started from (0: from the start weights)."""
+    dropped: dict[str, int]
+    """Rows left out of every epoch, by reason: `shard_equalise`, so that every rank has as many rows (and steps)."""
 
 
 def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
     """Train `job` on Ray Train workers and export the final weights to `job.output_dir` (a normal HF dir)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raypipe.train.loop import SUMMARY_FILE, train_loop_per_worker
 
     if job.optim.batch_size % cfg.num_workers:
         raise ValueError(f"batch_size {job.optim.batch_size} is not divisible by {cfg.num_workers} workers")
+    if cfg.checkpoint_every_steps < 0:
+        raise ValueError(f"checkpoint_every_steps must be >= 0, got {cfg.checkpoint_every_steps}")
     start = time.perf_counter()
     if not ray.is_initialized():
         ray.init(num_cpus=8)
     out = Path(job.output_dir).resolve()
     env_vars: dict[str, Any] = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    # A rerun with the same storage_path and name is restored by Ray Train: get_checkpoint() gives the latest.
+    run_dir = (Path(job.checkpoint_dir).resolve() if job.checkpoint_dir
+               else out.parent / "ray_train" / f"{job.kind}-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    dataset = ray.data.read_parquet(job.data_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "train": cfg},
+        train_loop_config={"job": job, "train": cfg,
+                           "checkpoint_every": cfg.checkpoint_every_steps if job.checkpoint_dir else 0},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{job.kind}-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=str(out.parent / "ray_train"),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
                              worker_runtime_env={"env_vars": env_vars}),
-        datasets={"train": ray.data.read_parquet(job.data_path)},
+        datasets={"train": dataset},
     )
     trainer.fit()
     final = json.loads((out / SUMMARY_FILE).read_text())
@@ -156,4 +174,6 @@ def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
         steps=final["step"], seconds=time.perf_counter() - start, train_seconds=final["train_seconds"],
         tokens=final["tokens"], tokens_per_s=final["tokens_per_s"], metrics=final["metrics"],
         dev_history=final["dev_history"], stop_reason=final["stop_reason"], output_dir=str(out),
+        resumed_from_step=final["resumed_from_step"],
+        dropped={"shard_equalise": dataset.count() - cfg.num_workers * final["rows_per_rank"]},
     )
