@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypipe.config import fingerprint
+from raypipe.console import stage_progress
 from raypipe.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ class ArtifactStore:
         _clear(out, keep, fp)
         log.info("run %s", label)
         start = time.perf_counter()
-        metrics = body(out)
+        with stage_progress(label):
+            metrics = body(out)
         if keep:
             shutil.rmtree(out / keep, ignore_errors=True)
         manifest = {

@@ -43,7 +43,6 @@ def test_compare_config_errors_name_the_problem(tmp_path: Path) -> None:
         load_compare(bad, [f"base={ROOT / 'conf/quickstart.yaml'}"])
 
 
-@pytest.mark.slow  # about 8 minutes on 2 cores: six Ray Train start-ups; `make test-all` runs it
 def test_a_small_comparison_runs_end_to_end(e2e_run: dict, tmp_path: Path) -> None:
     """Two arms x two seeds from the e2e run's SFT checkpoint: shared samples and control, equal steps. (The
     other methods' training sets and objectives are tested in test_methods.py and test_objectives.py.)"""

@@ -278,9 +278,10 @@ def test_a_lema_round_end_to_end(e2e_run: dict, served: dict, monkeypatch: pytes
     assert (correct["status"] == "kept").sum() == round_1["corrections_kept"] > 0
     manifest = json.loads((cfg.run_dir / "round_1" / "correct" / "manifest.json").read_text())["metrics"]
     assert manifest["usage"]["model_0:raypipe"]["requests"] > 0
-    assert manifest["evolved_questions"] == 8 and 0 <= manifest["pseudo_labelled"] <= 8
+    assert manifest["evolved_questions"] == 8 and manifest["pseudo_labelled"] >= 1, "the policy's votes label some"
     assert manifest["evolved_mistakes"] == (correct["source"] == "evolved").sum()
     built = pd.read_parquet(cfg.run_dir / "round_1" / "build" / "data.parquet")
     assert (built["source"] == "cot").sum() == cfg.task.sft_problems
     assert built["source"].str.startswith("correction:").sum() > 0
-    assert round_1["train_steps"] == 10 and 0.0 <= round_1["accuracy_after"] <= 1.0
+    assert round_1["train_steps"] == 10
+    assert round_1["accuracy_after"] >= round_1["accuracy_before"] - 0.15, "ten steps on corrections keep the policy"

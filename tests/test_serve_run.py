@@ -1,4 +1,4 @@
-"""`serve run serving/config.yaml`: Ray's own CLI starts the same app from the Serve config (slow: its own Ray)."""
+"""`serve run serving/config.yaml`: Ray's own CLI starts the same app from the Serve config (its own Ray)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_serve_run_starts_the_app_from_the_serve_config(tiny_model_dir: Path, tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
