@@ -71,3 +71,23 @@ def test_summary_fits_100_columns_and_names_every_figure(capsys: pytest.CaptureF
         assert figure in out
     assert "corrections_kept" not in out  # no round has it: left out
     assert "round 3" in out and "0.123" in out and "720" in out and "120.5" in out
+
+
+def test_native_writes_to_stderr_go_to_the_log_too(tmp_path: Path) -> None:
+    """What native code writes to file descriptor 2 (Ray's core worker in the driver) bypasses Python's streams;
+    in a process of its own, as the CLI runs, it lands in the log file and raypipe's lines on the terminal."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import logging, os, sys\nfrom pathlib import Path\nfrom raypipe.console import run_console\n"
+              f"with run_console(Path({str(tmp_path)!r})):\n"
+              "    os.write(2, b'core_worker.cc: native noise\\n')\n"
+              "    logging.getLogger('raypipe.pipeline').info('round 1 of 1')\n"
+              "os.write(2, b'after\\n')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert "round 1 of 1" in done.stderr and "native noise" not in done.stderr + done.stdout
+    assert done.stderr.rstrip().endswith("after"), "fd 2 is the terminal's again afterwards"
+    assert "native noise" in (tmp_path / LOG_FILE).read_text()
