@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from raypipe.data_config import LEMAConfig, ModelCallConfig, ReAlignConfig
-from raypipe.files import model_digest, write_atomic
-from raypipe.task_config import TaskConfig
+from raypipe.files import data_digest, model_digest, write_atomic
+from raypipe.task_config import DATA_PATHS, TaskConfig
 from raypipe.update_config import AFTConfig, ControlConfig, OptimConfig, PreferenceConfig, RFTConfig, SFTConfig
 
 
@@ -363,15 +363,20 @@ def fingerprint(*parts: Any) -> str:
 
 def _identity(part: Any) -> Any:
     """What a non-JSON part contributes to a fingerprint. A config section: its fields (nested sections come back
-    here), where a user's model directory (`model.path`, a `backend: local` ModelCallConfig) is replaced by the
-    digest of its files, so weights rewritten in place rerun the stages built on them and the same weights moved
-    elsewhere reuse them. A name that is no directory (a served model, a hub id) stays as written."""
+    here), where a user's model directory (`model.path`, a `backend: local` ModelCallConfig) and the task's data
+    files (DATA_PATHS) are replaced by the digest of their files, so weights or rows rewritten in place rerun the
+    stages built on them and the same files moved elsewhere reuse them. A name that is no local path (a served
+    model, a hub id, `hf:gsm8k:main:train`) stays as written."""
     if not dataclasses.is_dataclass(part) or isinstance(part, type):
         return str(part)
     if isinstance(part, ModelConfig) and part.path and Path(part.path).is_dir():
         part = dataclasses.replace(part, path=f"sha256:{model_digest(Path(part.path))}")
     elif isinstance(part, ModelCallConfig) and part.backend == "local" and Path(part.model).is_dir():
         part = dataclasses.replace(part, model=f"sha256:{model_digest(Path(part.model))}")
+    elif isinstance(part, TaskConfig):
+        part = dataclasses.replace(part, **{name: f"sha256:{data_digest(Path(getattr(part, name)))}"
+                                            for name in DATA_PATHS if getattr(part, name)
+                                            and Path(getattr(part, name)).exists()})
     return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
 
 

@@ -1,5 +1,5 @@
-"""Files the pipeline's bookkeeping depends on: writes that never leave half a file, and a model directory's
-identity by content.
+"""Files the pipeline's bookkeeping depends on: writes that never leave half a file, and the identity by content of
+a model directory or a data file.
 
 A leaf module (no raypipe imports) so that both the config's `fingerprint` and the artefact store can use it.
 """
@@ -44,23 +44,36 @@ def hash_cache_path() -> Path:
 
 def model_digest(model_dir: Path) -> str:
     """sha256 of a model directory's MODEL_FILES (names and contents, not its path): rewritten weights are a new
-    model, the same weights copied elsewhere are the same one. Hashing multi-GB weights takes minutes, so each
-    file's digest is cached by (path, size, mtime_ns): an unchanged file is not read again, a rewritten one is."""
+    model, the same weights copied elsewhere are the same one."""
+    files = sorted({p for pattern in MODEL_FILES for p in model_dir.glob(pattern) if p.is_file()})
+    return _digest([(f.name, f) for f in files])
+
+
+def data_digest(path: Path) -> str:
+    """sha256 of a data file, or of every file under a data folder (Parquet parts, `save_to_disk` output) by
+    relative name and content: a dataset edited in place is new data, the same files copied elsewhere are not."""
+    if path.is_file():
+        return _digest([("", path)])  # its content only: a renamed copy is the same data
+    return _digest([(f.relative_to(path).as_posix(), f) for f in sorted(path.rglob("*")) if f.is_file()])
+
+
+def _digest(files: list[tuple[str, Path]]) -> str:
+    """sha256 over (name, file digest) pairs. Hashing multi-GB weights takes minutes, so each file's digest is
+    cached by (path, size, mtime_ns): an unchanged file is not read again, a rewritten one is."""
     cache_path = hash_cache_path()
     try:
         cache: dict[str, Any] = json.loads(cache_path.read_text())
     except (OSError, ValueError):  # none yet, or unreadable: start over (it is only a cache)
         cache = {}
-    files = sorted({p for pattern in MODEL_FILES for p in model_dir.glob(pattern) if p.is_file()})
     whole, changed = hashlib.sha256(), False
-    for file in files:
+    for name, file in files:
         key, stat = str(file.resolve()), file.stat()
         entry = cache.get(key)
         if not entry or (entry["size"], entry["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):
             log.info("sha256 of %s (%.2f GB; cached in %s)", file, stat.st_size / 1e9, cache_path)
             entry = cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(file)}
             changed = True
-        whole.update(f"{file.name}\0{entry['sha256']}\n".encode())
+        whole.update(f"{name}\0{entry['sha256']}\n".encode())
     if changed:
         write_atomic(cache_path, json.dumps(cache, indent=1, sort_keys=True))
     return whole.hexdigest()

@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+DATA_PATHS = ("train_path", "pool_path", "dev_path", "test_path", "pairs_path")
+"""TaskConfig fields naming data files: a local one enters stage fingerprints by its content."""
+
+
 @dataclass
 class TaskConfig:
     """What the rounds run on (raypipe/tasks/): the embedded synthetic task, or a dataset of the user's own.

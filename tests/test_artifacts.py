@@ -196,10 +196,35 @@ def test_a_moved_model_skips_init_and_is_used_where_it_is_now(tiny_model_dir: Pa
 
     def init(path: Path) -> Pipeline:
         cfg = RunConfig(output_dir=str(tmp_path / "runs"))
-        cfg.model.path = str(path)
+        cfg.model.path, cfg.warmup.max_steps = str(path), 0
         pipeline = Pipeline(cfg)
-        assert pipeline.init().metrics["model_dir"] == str(path.resolve())
+        init = pipeline.init()
+        sft = pipeline.sft(pipeline.sft_data(init), init)  # no warm-up: it hands the model on
+        assert init.metrics["model_dir"] == sft.metrics["model_dir"] == str(path.resolve())
         return pipeline
 
     init(tiny_model_dir)
-    assert init(moved).store.skipped == ["round_0/init"]
+    assert init(moved).store.skipped == ["round_0/init", "round_0/sft_data", "round_0/sft"]
+
+
+def test_a_data_file_enters_fingerprints_by_content_not_path(tmp_path: Path, monkeypatch) -> None:
+    """Rows edited in place rerun the stages built on them; the same file elsewhere reuses them."""
+    import shutil
+
+    from raypipe.config import TaskConfig, fingerprint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    task = lambda path: fingerprint(TaskConfig(source="dataset", train_path=str(path), answer_kind="gsm8k"))
+    first = task(data)
+    assert task(shutil.copy(data, tmp_path / "copy.jsonl")) == first, "same rows elsewhere: same data"
+    data.write_text('{"question": "1+1?", "answer": "#### 3"}\n')
+    assert task(data) != first, "rows edited in place: new data"
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    (folder / "part-0.parquet").write_bytes(b"rows")
+    before = task(folder)
+    (folder / "part-1.parquet").write_bytes(b"more rows")
+    assert task(folder) != before, "a folder counts every file under it"
+    assert task("hf:gsm8k:main:train") != task("hf:gsm8k:main:test"), "a hub name is not a path: as written"
