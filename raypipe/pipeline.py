@@ -16,36 +16,33 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
 
-from raypipe.artifacts import ArtifactStore, StageResult, write_rows
+from raypipe.artifacts import StageResult, write_rows
+from raypipe.config import save_config
 from raypipe.data.preference import load_preference_pairs, trl_rows, write_trl_jsonl
 from raypipe.data.rows import DataError, write_rejected
-from raypipe.config import RunConfig, save_config
 from raypipe.data.tiny_model import save_tiny_model
 from raypipe.engines.base import derive_seed
 from raypipe.evaluate import evaluate
 from raypipe.lema.correct import correction_settings, run_correction
-from raypipe.methods import METHODS, BuildInputs
+from raypipe.methods import BuildInputs
 from raypipe.methods.aft import assessment_accuracy, assessment_rows
 from raypipe.methods.sft import sft_rows
 from raypipe.ray_env import init_ray
 from raypipe.report import plot_accuracy, print_summary, round_summary, write_summary
 from raypipe.rollout.branching import Brancher, branch_row, localisation_metrics
-from raypipe.rollout.generation import EnginePool
 from raypipe.rollout.sampling import grade_samples, prompt_rows, sample_chains, wrong_chains
-from raypipe.tasks import Problem, make_task
-from raypipe.tasks.checks import check_task
+from raypipe.stage_context import StageContext, carried, data_path, model_dir
+from raypipe.tasks import Problem
 from raypipe.tracking import Tracker
 from raypipe.train.objectives import SFTObjective
 from raypipe.train.reference import add_reference_logps, score_sequences
-from raypipe.train.trainer import CHECKPOINTS, DevEval, TrainJob, run_training
-from raypipe.update_config import UpdateConfig
+from raypipe.train.trainer import CHECKPOINTS, DevEval, TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +51,9 @@ TRL_PAIRS_FILE = "pairs.trl.jsonl"
 """The round's preference pairs in TRL's format, beside the build stage's Parquet."""
 
 
-def model_dir(stage: StageResult) -> str:
-    return stage.metrics["model_dir"]
-
-
-def data_path(stage: StageResult) -> Path:
-    """A stage's rows: the Parquet folder Ray Data wrote (reference) or the single file `write_rows` wrote."""
-    folder = stage.dir / "data"
-    return folder if folder.is_dir() else stage.dir / "data.parquet"
-
-
-class Pipeline:
-    """Runs `cfg.rounds` rounds of the configured method on the configured task (raypipe/tasks/).
-
-    `reuse_from`: other run folders whose matching stages stand in for this run's (see ArtifactStore); by
-    default the other runs in the same output_dir (`reuse_runs`).
-    `pool`: engines to borrow (a comparison runs many pipelines on one set); by default the run starts its own
-    and shuts them down at the end.
-    """
-
-    def __init__(self, cfg: RunConfig, reuse_from: Sequence[Path] = (), pool: EnginePool | None = None) -> None:
-        self.cfg = cfg
-        self.method = METHODS[cfg.method]
-        self.run_dir = cfg.run_dir.resolve()
-        if not reuse_from and cfg.reuse_runs and self.run_dir.parent.is_dir():
-            reuse_from = [d for d in sorted(self.run_dir.parent.iterdir()) if d.is_dir() and d != self.run_dir]
-        self.store = ArtifactStore(self.run_dir, reuse_from=[Path(p).resolve() for p in reuse_from])
-        self.task = make_task(cfg.task)
-        self.splits = self.task.splits
-        check_task(cfg, self.task)
-        self.owns_pool = pool is None
-        self.pool = pool if pool is not None else EnginePool(cfg.engine)
-        self._tokenizer: PreTrainedTokenizerBase | None = None
+class Pipeline(StageContext):
+    """Runs `cfg.rounds` rounds of the configured method on the configured task (raypipe/tasks/); construction
+    (`reuse_from`, `pool`) is StageContext's."""
 
     def run(self) -> dict[str, Any]:
         cfg, method = self.cfg, self.method
@@ -177,8 +145,8 @@ class Pipeline:
                                                         cfg.eval.max_new_tokens))
             return self._train(job, out, "sft")
 
-        return self.store.run(0, "sft", (warmup, cfg.train, cfg.eval.max_new_tokens), [data, init], body,
-                              keep=CHECKPOINTS)
+        return carried(self.store.run(0, "sft", (warmup, cfg.train, cfg.eval.max_new_tokens), [data, init], body,
+                                       keep=CHECKPOINTS), init)
 
     # ---- round r -----------------------------------------------------------------------------------------
 
@@ -314,7 +282,7 @@ class Pipeline:
             return self._train(job, out, f"round_{r}/train")
 
         fingerprint = (cfg.method, settings, cfg.round_steps, cfg.train, cfg.seed)
-        return self.store.run(r, "train", fingerprint, [data, policy], body, keep=CHECKPOINTS)
+        return carried(self.store.run(r, "train", fingerprint, [data, policy], body, keep=CHECKPOINTS), policy)
 
     def assessment_data(self, r: int, policy: StageResult) -> StageResult:
         """Chains sampled by the round's starting policy on dev questions, for assessment accuracy."""
@@ -363,8 +331,8 @@ class Pipeline:
                            lora=cfg.sft.lora)
             return self._train(job, out, f"round_{r}/control")
 
-        return self.store.run(r, "control", (cfg.sft, steps, cfg.train, cfg.seed), [previous, worked], body,
-                              keep=CHECKPOINTS)
+        return carried(self.store.run(r, "control", (cfg.sft, steps, cfg.train, cfg.seed), [previous, worked],
+                                       body, keep=CHECKPOINTS), previous)
 
     def evaluate(self, r: int, name: str, policy: StageResult) -> StageResult:
         """Greedy accuracy on the held-out test split."""
@@ -379,50 +347,3 @@ class Pipeline:
                     "tokens_per_s": result.generated_tokens / (time.perf_counter() - start)}
 
         return self.store.run(r, name, (self.cfg.eval.max_new_tokens, self.cfg.task, self.cfg.engine), [policy], body)
-
-    # ---- helpers -----------------------------------------------------------------------------------------
-
-    def _sample(self, problems: list[tuple[int, Problem]], policy: StageResult,
-                seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """`sampling.samples_per_question` chains per problem from `policy`, and the throughput."""
-        start = time.perf_counter()
-        samples = sample_chains(self.pool, model_dir(policy), prompt_rows(problems, self.tokenizer, self.task),
-                                self.cfg.sampling, seed)
-        tokens = sum(s["num_tokens"] for s in samples)
-        return samples, {"generated_tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - start)}
-
-    def _schedule(self, settings: UpdateConfig) -> dict[str, Any]:
-        """Epochs over the training set, or exactly `round_steps` optimiser steps (cycling the data)."""
-        if self.cfg.round_steps is None:
-            return {"epochs": settings.epochs, "max_steps": None}
-        return {"epochs": 10_000, "max_steps": self.cfg.round_steps}
-
-    def _train(self, job: TrainJob, out: Path, prefix: str) -> dict[str, Any]:
-        """Run a training stage's job, checkpointing into the stage's folder the store keeps for a rerun."""
-        result = run_training(replace(job, checkpoint_dir=str(out / CHECKPOINTS)), self.cfg.train)
-        self.tracker.log_training(out / "train_log.jsonl", prefix, result.dev_history)
-        return {"model_dir": result.output_dir, "steps": result.steps, "train_seconds": result.seconds,
-                "tokens_per_s": result.tokens_per_s, "final": result.metrics, "dev_history": result.dev_history,
-                "resumed_from_step": result.resumed_from_step, "dropped": result.dropped}
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The policy's tokenizer (training never changes it, so round 0's serves every round)."""
-        if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(model_dir(self.init_stage),
-                                                            trust_remote_code=self.cfg.engine.trust_remote_code)
-        return self._tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def decode_verbatim(self, ids: list[int]) -> str:
-        """The text exactly as the model saw it, chat-template special tokens included."""
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def step_ends(self, ids: list[int]) -> list[int]:
-        """Exclusive token ends of the steps of a completion, as the task cuts them."""
-        return self.task.step_ends(ids, self.decode)

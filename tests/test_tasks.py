@@ -12,7 +12,7 @@ from raypipe.config import ConfigError, RunConfig, TaskConfig, WarmupConfig, loa
 from raypipe.data.rows import DataError
 from raypipe.data.steps import COT_PREFILL, StepSplitter, format_prompt, step_token_ends
 from raypipe.data.tiny_model import build_tokenizer
-from raypipe.pipeline import check_task
+from raypipe.tasks.checks import check_task
 from raypipe.tasks import build_prompt, make_task
 from raypipe.tasks.dataset import worked_solution
 from tests.conftest import shared_data
