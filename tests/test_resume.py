@@ -35,9 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 EXACT_STAGES = ("sample", "grade", "branch", "build", "reference", "assessment_data")
 """Stages whose rows depend only on the checkpoint and the seed: equal to the uninterrupted run's, row by row."""
 TRAINING_STAGES = ("train", "control")
-KILLED = ("sample", "grade", "branch", "build", "reference", "train", "evaluate", "assessment_data", "assess",
-          "control")
-"""In the order the round runs them (evaluate_control, the last, is left to the final rerun)."""
+KILLED = ("sample", "grade", "reference", "train", "assessment_data", "assess", "control")
+"""In the order the round runs them, one stage of each kind: vLLM sampling written as it goes (sample; branch,
+evaluate and assessment_data's twin), a commit within milliseconds (grade; build's twin), Ray Data writing a
+folder (reference, assess), training resumed from a checkpoint (train, control). evaluate_control, the last, is
+left to the final rerun."""
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train's record of the registered checkpoints, in the run folder: written once a checkpoint is complete."""
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
@@ -138,11 +140,22 @@ def resumed(e2e_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         ready = _checkpointed if stage in TRAINING_STAGES else _writing
         _run_until_killed(command, run_dir / "round_1" / stage, log, ready)
         killed.append(stage)
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
     with log.open("a") as output:
-        finished = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT, timeout=900)
+        output.write(finished.stdout + finished.stderr)
     assert finished.returncode == 0, f"the final rerun failed (see {log})"
-    return {"run_dir": run_dir, "baseline": baseline, "killed": killed,
+    return {"run_dir": run_dir, "baseline": baseline, "killed": killed, "terminal": finished.stdout + finished.stderr,
             "summary": json.loads((run_dir / "summary.json").read_text())}
+
+
+def test_the_terminal_shows_raypipes_lines_and_the_log_file_the_rest(resumed: dict[str, Any]) -> None:
+    """The user's command as a person runs it: Ray's and vLLM's output (worker lines carry `pid=`) goes to the
+    run's log file; the terminal gets raypipe's lines and the summary, all within 100 columns."""
+    terminal = resumed["terminal"].splitlines()
+    assert max(len(line) for line in terminal) <= 100
+    assert not [line for line in terminal if "pid=" in line], "a worker's output reached the terminal"
+    assert any("accuracy_after" in line for line in terminal) and len(terminal) < 120
+    assert "pid=" in (resumed["run_dir"] / "logs" / "console.log").read_text()
 
 
 def test_every_stage_was_killed_in_progress_and_the_rerun_finished(resumed: dict[str, Any]) -> None:
