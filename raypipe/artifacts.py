@@ -150,7 +150,7 @@ def _clear(out: Path, keep: str | None, fp: str) -> None:
     resumable = stamp is not None and stamp.is_file() and stamp.read_text() == fp
     for path in list(out.iterdir()) if out.exists() else []:
         if path == kept and resumable:
-            log.info("keep %s (same fingerprint)", path)
+            log.info("keep %s/%s/%s (same fingerprint)", out.parent.name, out.name, keep)
         elif path.is_dir():
             shutil.rmtree(path)
         else:
