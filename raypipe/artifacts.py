@@ -24,9 +24,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raypipe.config import fingerprint
 from raypipe.console import stage_progress
 from raypipe.files import write_atomic
+from raypipe.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

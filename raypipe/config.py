@@ -7,9 +7,6 @@ misspelt key fails loudly with its name instead of being ignored.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +15,9 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from raypipe.data_config import LEMAConfig, ModelCallConfig, ReAlignConfig
-from raypipe.files import data_digest, model_digest, write_atomic
-from raypipe.task_config import DATA_PATHS, TaskConfig
+from raypipe.data_config import LEMAConfig, ReAlignConfig
+from raypipe.files import write_atomic
+from raypipe.task_config import TaskConfig
 from raypipe.update_config import AFTConfig, ControlConfig, OptimConfig, PreferenceConfig, RFTConfig, SFTConfig
 
 
@@ -352,32 +349,6 @@ def _validate_task(cfg: RunConfig) -> None:
 def to_dict(section: Any) -> dict[str, Any]:
     """A config (or section) as plain data, for manifests, W&B and the saved run config."""
     return OmegaConf.to_container(OmegaConf.structured(section), resolve=True)  # type: ignore[return-value]
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of config sections and upstream fingerprints: equal inputs, equal hash. A local model
-    directory named in a section enters by its content, not its path (`_identity`)."""
-    blob = json.dumps(parts, sort_keys=True, default=_identity).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _identity(part: Any) -> Any:
-    """What a non-JSON part contributes to a fingerprint. A config section: its fields (nested sections come back
-    here), where a user's model directory (`model.path`, a `backend: local` ModelCallConfig) and the task's data
-    files (DATA_PATHS) are replaced by the digest of their files, so weights or rows rewritten in place rerun the
-    stages built on them and the same files moved elsewhere reuse them. A name that is no local path (a served
-    model, a hub id, `hf:gsm8k:main:train`) stays as written."""
-    if not dataclasses.is_dataclass(part) or isinstance(part, type):
-        return str(part)
-    if isinstance(part, ModelConfig) and part.path and Path(part.path).is_dir():
-        part = dataclasses.replace(part, path=f"sha256:{model_digest(Path(part.path))}")
-    elif isinstance(part, ModelCallConfig) and part.backend == "local" and Path(part.model).is_dir():
-        part = dataclasses.replace(part, model=f"sha256:{model_digest(Path(part.model))}")
-    elif isinstance(part, TaskConfig):
-        part = dataclasses.replace(part, **{name: f"sha256:{data_digest(Path(getattr(part, name)))}"
-                                            for name in DATA_PATHS if getattr(part, name)
-                                            and Path(getattr(part, name)).exists()})
-    return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

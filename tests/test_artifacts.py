@@ -116,8 +116,9 @@ def test_a_user_model_enters_fingerprints_by_content_not_path(tmp_path: Path, mo
     """Weights rewritten in place rerun the stage; the same weights under another path reuse it."""
     import shutil
 
-    from raypipe.config import ModelConfig, fingerprint
+    from raypipe.config import ModelConfig
     from raypipe.data_config import ModelCallConfig
+    from raypipe.fingerprint import fingerprint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = _model(tmp_path / "model", b"weights v1")
@@ -211,7 +212,8 @@ def test_a_data_file_enters_fingerprints_by_content_not_path(tmp_path: Path, mon
     """Rows edited in place rerun the stages built on them; the same file elsewhere reuses them."""
     import shutil
 
-    from raypipe.config import TaskConfig, fingerprint
+    from raypipe.config import TaskConfig
+    from raypipe.fingerprint import fingerprint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = tmp_path / "train.jsonl"
