@@ -1,7 +1,7 @@
 """The one training entry point: Ray Train workers running DeepSpeed, for every method's objective.
 
-`run_training` is called on the driver (after `ray.init`). It reads the round's Parquet rows as a Ray Dataset and
-starts a `TorchTrainer` whose workers run `raypipe.train.loop.train_loop_per_worker`. The result comes back from
+`run_training` is called on the driver (after `ray.init`). It starts a `TorchTrainer` whose workers run
+`raypipe.train.loop.train_loop_per_worker`, each reading its rows of the round's Parquet data. The result comes back from
 rank 0's last `ray.train.report`; the trained weights come back as a normal Hugging Face directory. A job with a
 `checkpoint_dir` checkpoints there and resumes from it (raypipe.train.loop).
 """
@@ -9,6 +9,7 @@ rank 0's last `ray.train.report`; the trained weights come back as a normal Hugg
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,8 @@ def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
     if cfg.checkpoint_every_steps < 0:
         raise ValueError(f"checkpoint_every_steps must be >= 0, got {cfg.checkpoint_every_steps}")
     start = time.perf_counter()
+    # The controller polls its workers this often (Ray's default 2 s): a stage's end waited up to a whole poll.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if not ray.is_initialized():
         ray.init(num_cpus=8)
     out = Path(job.output_dir).resolve()
@@ -155,7 +158,6 @@ def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
     # A rerun with the same storage_path and name is restored by Ray Train: get_checkpoint() gives the latest.
     run_dir = (Path(job.checkpoint_dir).resolve() if job.checkpoint_dir
                else out.parent / "ray_train" / f"{job.kind}-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    dataset = ray.data.read_parquet(job.data_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "train": cfg,
@@ -166,7 +168,6 @@ def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              worker_runtime_env={"env_vars": env_vars}),
-        datasets={"train": dataset},
     )
     trainer.fit()
     final = json.loads((out / SUMMARY_FILE).read_text())
@@ -175,5 +176,5 @@ def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
         tokens=final["tokens"], tokens_per_s=final["tokens_per_s"], metrics=final["metrics"],
         dev_history=final["dev_history"], stop_reason=final["stop_reason"], output_dir=str(out),
         resumed_from_step=final["resumed_from_step"],
-        dropped={"shard_equalise": dataset.count() - cfg.num_workers * final["rows_per_rank"]},
+        dropped={"shard_equalise": final["rows_total"] - cfg.num_workers * final["rows_per_rank"]},
     )
