@@ -63,6 +63,9 @@ class EngineConfig:
     """Logical CPUs reserved per engine actor."""
     num_gpus: float = 0
     """GPUs per engine actor (1 on GPU clusters)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each engine actor also asks for, to place engines on chosen nodes (nodes started with
+    `ray start --resources '{"engines": 1}'`, then `engine.resources={engines: 1}`)."""
     dtype: str = "float32"
     """Weights/activations dtype for generation ('float32' or 'bfloat16')."""
     max_model_len: int = 256
@@ -154,6 +157,9 @@ class TrainConfig:
     """CPUs per worker; also the torch thread count on CPU."""
     use_gpu: bool = False
     """One GPU per worker (NCCL backend) instead of CPU (gloo)."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker also asks for, to place training on chosen nodes (as engine.resources).
+    Workers on several nodes need the run folder on storage every node sees (the hand-off goes through it)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (0-3). 3 shards parameters too (needed for 7B+)."""
     bf16: bool = False

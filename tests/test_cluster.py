@@ -1,4 +1,5 @@
-"""cluster/: the `ray up` file against the ray wheel's own schema, the KubeRay manifests, and a real `ray job submit`.
+"""cluster/: the `ray up` file against the ray wheel's own schema, the KubeRay manifests, and a real `ray job submit`
+to a three-node cluster on this machine.
 
 The job tests start their own Ray head on 127.0.0.1 with every port chosen here and their own temp dir, so they
 never meet another Ray instance on the machine (this session's `ray.init()` cluster, a colleague's, or the
@@ -262,34 +263,71 @@ def processes_under(temp_dir: Path) -> list[int]:
     return pids
 
 
-@contextmanager
-def ray_head(env: dict[str, str]) -> Iterator[Head]:
-    """`ray start --head --block` on 127.0.0.1 with explicit ports and a fresh temp dir, torn down with SIGTERM.
+def node_ports() -> list[str]:
+    """`ray start` options giving a node its own free ports (several nodes share this machine)."""
+    agent_http, agent_grpc, metrics, runtime_env, node_manager, objects = free_ports(6)
+    first_worker = free_port_range(WORKER_PORTS)
+    return ["--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(agent_http),
+            "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+            "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(node_manager),
+            "--object-manager-port", str(objects), "--min-worker-port", str(first_worker),
+            "--max-worker-port", str(first_worker + WORKER_PORTS - 1), "--num-gpus", "0", "--disable-usage-stats"]
 
-    A short temp dir under the system one, not tmp_path: Ray's Unix socket paths live in it (limit 107 bytes).
+
+def start_node(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with log_path.open("w") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def ray_head(env: dict[str, str], head_args: tuple[str, ...] = ("--num-cpus", "8"),
+             workers: tuple[tuple[str, ...], ...] = ()) -> Iterator[Head]:
+    """`ray start --head --block` on 127.0.0.1 with explicit ports and a fresh temp dir, plus one worker node
+    (`ray start --address ... --block`, its own ports and temp dir) per entry of `workers`, each entry that
+    node's resource options; all torn down with SIGTERM.
+
+    Short temp dirs under the system one, not tmp_path: Ray's Unix socket paths live in them (limit 107 bytes).
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="raypipe-head-"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
-    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, objects = free_ports(9)
-    first_worker = free_port_range(WORKER_PORTS)
-    command = [RAY_CLI, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-               "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_http),
-               "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
-               "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(node_manager),
-               "--object-manager-port", str(objects), "--min-worker-port", str(first_worker),
-               "--max-worker-port", str(first_worker + WORKER_PORTS - 1), "--temp-dir", str(temp_dir),
-               "--num-cpus", "8", "--num-gpus", "0", "--disable-usage-stats"]
+    gcs, dashboard, client = free_ports(3)
+    command = [RAY_CLI, "start", "--head", "--block", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client), "--temp-dir",
+               str(temp_dir), *node_ports(), *head_args]
     log_path = temp_dir / "ray-start.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = start_node(command, env, log_path)
     head = Head(f"http://127.0.0.1:{dashboard}", env, temp_dir)
+    nodes: list[tuple[subprocess.Popen, Path]] = []
     try:
         wait_for_job_api(head, process, log_path)
+        for resources in workers:
+            node_dir = Path(tempfile.mkdtemp(prefix="raypipe-node-"))
+            node = start_node([RAY_CLI, "start", "--block", "--address", f"127.0.0.1:{gcs}", "--temp-dir",
+                               str(node_dir), *node_ports(), *resources], env, node_dir / "ray-start.log")
+            nodes.append((node, node_dir))
+        wait_for_nodes(head, 1 + len(workers), nodes)
         yield head
     finally:
-        leftovers = stop_head(process, temp_dir)
-    assert not leftovers, f"processes outlived the head's SIGTERM (killed now): {leftovers}"
+        leftovers = [pid for node, node_dir in nodes for pid in stop_head(node, node_dir)]
+        leftovers += stop_head(process, temp_dir)
+    assert not leftovers, f"processes outlived the nodes' SIGTERM (killed now): {leftovers}"
+
+
+def wait_for_nodes(head: Head, count: int, nodes: list[tuple[subprocess.Popen, Path]],
+                   timeout: float = 120) -> None:
+    """Until `count` nodes are alive in the cluster; fails early with a worker node's output if it died."""
+    from ray.util.state import list_nodes
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for node, node_dir in nodes:
+            if node.poll() is not None:
+                pytest.fail(f"a worker node's ray start exited with {node.returncode}:\n"
+                            f"{(node_dir / 'ray-start.log').read_text()}")
+        if len(list_nodes(address=head.address, filters=[("state", "=", "ALIVE")])) >= count:
+            return
+        time.sleep(1)
+    pytest.fail(f"{count} nodes did not come up in {timeout:.0f} s")
 
 
 def stop_head(process: subprocess.Popen, temp_dir: Path) -> list[int]:
@@ -331,16 +369,29 @@ JOB_ENV = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "of
 the ones raypipe's driver passes to ray.init)."""
 
 
-def test_job_submit_runs_the_mini_quickstart_on_a_cluster(tmp_path: Path) -> None:
-    """The README's `ray job submit --working-dir . -- python -m raypipe run ...` against a real head: every stage
-    runs in the job and its artefacts land in output_dir (absolute: the job's cwd is a temporary copy)."""
+PLACEMENT = ["engine.resources.raypipe_engines=1", "train.num_workers=2", "train.cpus_per_worker=1",
+             "train.resources_per_worker.raypipe_train=1"]
+"""The engines on the head (the only node with `raypipe_engines`), one training worker on each of the two worker
+nodes (one `raypipe_train` each)."""
+
+
+def test_job_submit_runs_the_mini_quickstart_across_three_nodes(tmp_path: Path) -> None:
+    """The README's `ray job submit --working-dir . -- python -m raypipe run ...` against a real three-node
+    cluster on loopback: the engines on the head, two DeepSpeed workers on two other nodes (the gloo rendezvous
+    and ZeRO-2 collectives between nodes), the checkpoint hand-off through the run folder every node sees. Every
+    stage runs in the job and its artefacts land in output_dir (absolute: the job's cwd is a temporary copy)."""
+    from ray.util.state import list_actors
+
     output_dir = tmp_path / "runs"
     submission_id = f"raypipe-mini-{random.randrange(10**6)}"
-    with ray_head(JOB_ENV) as head:
+    trainer_node = ("--num-cpus", "2", "--resources", json.dumps({"raypipe_train": 1}))
+    with ray_head(JOB_ENV, ("--num-cpus", "4", "--resources", json.dumps({"raypipe_engines": 1})),
+                  workers=(trainer_node, trainer_node)) as head:
         try:
             submit = head.cli("job", "submit", "--address", head.address, "--submission-id", submission_id,
                               "--working-dir", str(REPO), "--", sys.executable, "-m", "raypipe", "run",
-                              "conf/quickstart_mini.yaml", f"output_dir={output_dir}", timeout=JOB_TIMEOUT_S)
+                              "conf/quickstart_mini.yaml", f"output_dir={output_dir}", *PLACEMENT,
+                              timeout=JOB_TIMEOUT_S)
             exit_code, stderr = submit.returncode, submit.stderr
         except subprocess.TimeoutExpired:
             exit_code, stderr = None, f"still running after {JOB_TIMEOUT_S} s"
@@ -349,6 +400,7 @@ def test_job_submit_runs_the_mini_quickstart_on_a_cluster(tmp_path: Path) -> Non
             logs = head.cli("job", "logs", "--address", head.address, submission_id)
             print(logs.stdout[-20_000:], logs.stderr[-5_000:])
             pytest.fail(f"job {submission_id}: {status}, `ray job submit` exit {exit_code}:\n{stderr[-5_000:]}")
+        engines = list_actors(address=head.address, filters=[("class_name", "=", "EngineActor")], detail=True)
     run_dir = output_dir / "quickstart_mini"
     summary = json.loads((run_dir / "summary.json").read_text())
     (round_1,) = summary["rounds"]
@@ -360,6 +412,11 @@ def test_job_submit_runs_the_mini_quickstart_on_a_cluster(tmp_path: Path) -> Non
         assert (run_dir / "round_0" / stage / "manifest.json").is_file()
     for stage in round_1["stage_seconds"]:
         assert (run_dir / "round_1" / stage / "manifest.json").is_file()
+    engine_nodes = {a["node_id"] for a in engines}
+    assert len(engine_nodes) == 1, engines
+    for stage in ("round_0/sft", "round_1/train"):
+        workers = json.loads((run_dir / stage / "manifest.json").read_text())["metrics"]["worker_nodes"]
+        assert len(set(workers)) == 2 and not engine_nodes & set(workers), (stage, workers, engine_nodes)
 
 
 def test_a_token_auth_head_answers_only_clients_with_its_token() -> None:

@@ -62,7 +62,8 @@ class EnginePool:
         if not self.handles:
             start = time.perf_counter()
             options = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus,
-                       "max_restarts": self.cfg.max_restarts, "max_task_retries": self.cfg.max_restarts}
+                       "max_restarts": self.cfg.max_restarts, "max_task_retries": self.cfg.max_restarts,
+                       "resources": dict(self.cfg.resources)}
             self.handles = [EngineActor.options(**options).remote(self.cfg, model_dir)
                             for _ in range(self.cfg.num_engines)]
             ray.get([h.__ray_ready__.remote() for h in self.handles])

@@ -87,6 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function: load (resuming from Ray Train's latest checkpoint if any), train, log, evaluate
     on dev, checkpoint, export, report."""
     import deepspeed
+    import ray
     import ray.train
     import ray.train.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,6 +108,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rows, rows_total = _read_rows(job, rank, world)
     read_seconds = time.perf_counter() - started
     n_rows = int(_all_reduce([len(rows)], device, dist.ReduceOp.MIN)[0])
+    nodes: list[str | None] = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if n_rows == 0:
         raise ValueError(f"rank {rank} received no training rows from {job.data_path}")
     micro = job.optim.batch_size // world
@@ -179,7 +182,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     summary = {"step": step, "tokens": tokens_total, "train_seconds": train_seconds,
                "tokens_per_s": tokens_total / max(train_seconds, 1e-9), "metrics": metrics,
                "dev_history": dev_history, "stop_reason": stop_reason, "resumed_from_step": resumed_from,
-               "rows_per_rank": n_rows, "rows_total": rows_total}
+               "rows_per_rank": n_rows, "rows_total": rows_total,
+               "worker_nodes": nodes}
     _export(engine, job, zero3, rank, summary)
     del hf_zero3
     # Once, at the end: each report blocks until the controller polls (every 2 s), so per-interval reports

@@ -134,6 +134,8 @@ class TrainResult:
     """The checkpoint's step this run started from (0: from the start weights)."""
     dropped: dict[str, int]
     """Rows left out of every epoch, by reason: `shard_equalise`, so that every rank has as many rows (and steps)."""
+    worker_nodes: list[str]
+    """The Ray node id each rank ran on, by rank."""
 
 
 def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
@@ -163,7 +165,8 @@ def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
         train_loop_config={"job": job, "train": cfg,
                            "checkpoint_every": cfg.checkpoint_every_steps if job.checkpoint_dir else 0},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                                           **cfg.resources_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -177,4 +180,5 @@ def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
         dev_history=final["dev_history"], stop_reason=final["stop_reason"], output_dir=str(out),
         resumed_from_step=final["resumed_from_step"],
         dropped={"shard_equalise": final["rows_total"] - cfg.num_workers * final["rows_per_rank"]},
+        worker_nodes=final["worker_nodes"],
     )
