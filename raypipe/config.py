@@ -62,7 +62,15 @@ class EngineConfig:
     num_cpus: float = 1
     """Logical CPUs reserved per engine actor."""
     num_gpus: float = 0
-    """GPUs per engine actor (1 on GPU clusters)."""
+    """GPUs per engine actor (1 on GPU clusters; tensor_parallel_size with tensor parallelism; a fraction when
+    colocated with training)."""
+    tensor_parallel_size: int = 1
+    """GPUs each vLLM engine splits its model over (tensor parallelism inside the engine actor's node: set
+    engine.num_gpus to the same number)."""
+    colocate: bool = False
+    """Engines share their GPUs with training: each engine sleeps (vLLM sleep mode level 2: weights and KV cache
+    released) while a training or scoring stage runs, and wakes with the new weights. Give engine.num_gpus and
+    train.resources_per_worker.GPU fractions that add up to at most 1. Off: engines and trainers on separate GPUs."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each engine actor also asks for, to place engines on chosen nodes (nodes started with
     `ray start --resources '{"engines": 1}'`, then `engine.resources={engines: 1}`)."""
@@ -297,6 +305,7 @@ def _validate(cfg: RunConfig) -> None:
         "realign.rewriter": (cfg.realign.rewriter, {"model", "math_template"}),
         "realign.model.backend": (cfg.realign.model.backend, {"openai", "local"}),
     }
+    _validate_engine(cfg)
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
@@ -323,6 +332,19 @@ def _validate(cfg: RunConfig) -> None:
     bad_ops = set(cfg.task.operations) - {"+", "-", "*"}
     if bad_ops:
         raise ConfigError(f"task.operations has unknown operations {sorted(bad_ops)}; use '+', '-', '*'")
+
+
+def _validate_engine(cfg: RunConfig) -> None:
+    engine = cfg.engine
+    if engine.tensor_parallel_size < 1:
+        raise ConfigError(f"engine.tensor_parallel_size={engine.tensor_parallel_size} must be >= 1")
+    if engine.tensor_parallel_size > 1 and (engine.backend != "vllm"
+                                            or engine.num_gpus != engine.tensor_parallel_size):
+        raise ConfigError(f"engine.tensor_parallel_size={engine.tensor_parallel_size} needs engine.backend=vllm and "
+                          f"engine.num_gpus={engine.tensor_parallel_size} (the engine actor holds its GPUs)")
+    if engine.colocate and (engine.backend != "vllm" or not engine.num_gpus or not cfg.train.use_gpu):
+        raise ConfigError("engine.colocate needs GPUs: engine.backend=vllm, engine.num_gpus > 0 and "
+                          "train.use_gpu=true (vLLM's sleep mode frees GPU memory; on CPU there is none to share)")
 
 
 def _validate_task(cfg: RunConfig) -> None:

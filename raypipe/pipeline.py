@@ -259,6 +259,7 @@ class Pipeline(StageContext):
 
         def body(out: Path) -> dict[str, Any]:
             if data.metrics["rows"]:
+                self.pool.make_room()
                 dataset = add_reference_logps(ray.data.read_parquet(str(data_path(data))), model_dir(policy),
                                               use_gpu=self.cfg.train.use_gpu, max_length=max_length)
                 dataset.repartition(1).write_parquet(str(out / "data"))
@@ -305,6 +306,7 @@ class Pipeline(StageContext):
         def body(out: Path) -> dict[str, Any]:
             if not data.metrics["rows"]:
                 return {"assessment_before": None, "assessment_after": None}
+            self.pool.make_room()
             dataset = ray.data.read_parquet(str(data_path(data)))
             for name, model in (("before", policy), ("after", trained)):
                 dataset = score_sequences(dataset, model_dir(model), ("cand",), prefix=f"{name}_", average=True,
@@ -339,11 +341,12 @@ class Pipeline(StageContext):
         test = self.splits.test
 
         def body(out: Path) -> dict[str, Any]:
-            start = time.perf_counter()
+            start, refreshed = time.perf_counter(), self.pool.refresh_seconds
             result = evaluate(self.pool, model_dir(policy), self.tokenizer, self.task, test, self.cfg.eval.max_new_tokens)
             write_rows(out, result.rows)
             log.info("round %d %s: accuracy %.3f on %d problems", r, name, result.accuracy, result.n)
             return {"accuracy": result.accuracy, "n": result.n, **write_rejected(out, result.rejected()),
-                    "tokens_per_s": result.generated_tokens / (time.perf_counter() - start)}
+                    "tokens_per_s": result.generated_tokens / (time.perf_counter() - start),
+                    "weight_refresh_seconds": self.pool.refresh_seconds - refreshed}
 
         return self.store.run(r, name, (self.cfg.eval.max_new_tokens, self.cfg.task, self.cfg.engine), [policy], body)

@@ -44,6 +44,7 @@ def round_summary(r: int, method: str, seconds: dict[str, float],
             "assessment_after": metric("assess", "assessment_after"),
             "corrections_kept": metric("correct", "kept"),
             "correction_pass_rate": metric("correct", "filter_pass_rate"),
+            "weight_refresh_seconds": metric("evaluate", "weight_refresh_seconds"),
             "stage_seconds": {n: seconds[f"round_{r}/{n}"] for n in ROUND_STAGES if f"round_{r}/{n}" in seconds}}
 
 
@@ -71,6 +72,8 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     for name in dict.fromkeys(n for row in rounds for n in row["stage_seconds"]):
         timing.add_row(name, *(f"{row['stage_seconds'][name]:.1f}" if name in row["stage_seconds"] else "-"
                                for row in rounds))
+    if any(row.get("weight_refresh_seconds") is not None for row in rounds):
+        timing.add_row("(weight refresh)", *(_fmt(row.get("weight_refresh_seconds")) for row in rounds))
     console.print(figures)
     console.print(timing)
 

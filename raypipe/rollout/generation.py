@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -47,18 +48,43 @@ class EngineActor:
             self.generator.load_weights(model_dir)
             self.model_dir = model_dir
 
+    def sleep(self) -> None:
+        self.generator.sleep()
+        self.model_dir = None  # the weights are gone: the next load_weights must load, whatever the folder
+
+    def wake_up(self) -> None:
+        self.generator.wake_up()
+
 
 class EnginePool:
-    """The run's engine actors, started lazily on first use and pointed at one model directory at a time."""
+    """The run's engine actors, started lazily on first use and pointed at one model directory at a time.
+    Colocated engines (engine.colocate) sleep through training stages (`make_room`) and wake on the next use."""
 
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
         self.model_dir: str | None = None
         self.handles: list[ray.actor.ActorHandle] = []
+        self.asleep = False
+        self.refresh_seconds = 0.0
+        """Total time spent switching the engines to new weights (waking included): the weight-sync cost."""
+
+    def make_room(self) -> None:
+        """Before a training or scoring stage: colocated engines sleep, freeing their GPU memory; otherwise
+        nothing (the engines keep their own GPUs)."""
+        if self.cfg.colocate and self.handles and not self.asleep:
+            start = time.perf_counter()
+            ray.get([h.sleep.remote() for h in self.handles])
+            self.asleep, self.model_dir = True, None
+            log.info("engines asleep in %.1f s", time.perf_counter() - start)
 
     def use(self, model_dir: str) -> EnginePool:
         """Make every engine serve `model_dir`: start them, or reload weights if they serve another model."""
         model_dir = str(model_dir)
+        if self.asleep:
+            start = time.perf_counter()
+            ray.get([h.wake_up.remote() for h in self.handles])
+            self.asleep = False
+            self.refresh_seconds += time.perf_counter() - start
         if not self.handles:
             start = time.perf_counter()
             options = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus,
@@ -70,7 +96,11 @@ class EnginePool:
             log.info("started %d %s engine(s) in %.1fs", len(self.handles), self.cfg.backend,
                      time.perf_counter() - start)
         elif model_dir != self.model_dir:
+            start = time.perf_counter()
             ray.get([h.load_weights.remote(model_dir) for h in self.handles])
+            seconds = time.perf_counter() - start
+            self.refresh_seconds += seconds
+            log.info("engines switched to %s in %.1f s", "/".join(Path(model_dir).parts[-3:]), seconds)
         self.model_dir = model_dir
         return self
 
