@@ -1,4 +1,4 @@
-"""`raypipe run | compare | eval | serve | config show`: the command line."""
+"""`raypipe run | plan | compare | eval | serve | config show`: the command line."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", help="YAML file under conf/")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3 rounds=2")
     run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    plan = sub.add_parser("plan", help="estimated GPU memory per stage (from the model's config.json); "
+                                       "refuses what does not fit")
+    plan.add_argument("config", help="YAML file under conf/")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, as for `raypipe run`")
     ev = sub.add_parser("eval", help="greedy accuracy of any HF model directory on a JSONL benchmark")
     ev.add_argument("--model", required=True, help="local HF model directory")
     ev.add_argument("--data", required=True, help="JSONL file with `question` and `answer` fields")
@@ -64,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             cfg = load_config(args.config, args.overrides)
+            if cfg.train.use_gpu and cfg.method != "realign":  # refuse what cannot fit before anything starts
+                from raypipe.plan import check_fits, plan_run
+
+                check_fits(plan_run(cfg))
             with run_console(cfg.run_dir / "logs", args.verbose):
                 if cfg.method == "realign":
                     from raypipe.realign.stage import run_realign
@@ -73,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                     from raypipe.pipeline import Pipeline  # heavy imports only once the config is known to be good
 
                     Pipeline(cfg).run()
+        elif args.command == "plan":
+            from raypipe.plan import check_fits, plan_run, print_plan
+
+            memory = plan_run(load_config(args.config, args.overrides))
+            print_plan(memory)
+            check_fits(memory)
         elif args.command == "compare":
             from raypipe.compare import load_compare, run_compare
 

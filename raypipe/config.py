@@ -34,6 +34,10 @@ class ModelConfig:
 
     path: str | None = None
     """Local HF model directory (weights + tokenizer). None builds the tiny Llama model and tokenizer."""
+    config_json: str | None = None
+    """A config.json to plan with while model.path is not set (recipes for models not on this machine);
+    model.path's own config.json wins when set. Relative to the working directory, like every path in a
+    config."""
     hidden_size: int = 128
     """Tiny model only: hidden width. Head size = hidden_size / num_heads must be >= 32 for vLLM on CPU."""
     num_layers: int = 4
@@ -65,8 +69,8 @@ class EngineConfig:
     """GPUs per engine actor (1 on GPU clusters; tensor_parallel_size with tensor parallelism; a fraction when
     colocated with training)."""
     tensor_parallel_size: int = 1
-    """GPUs each vLLM engine splits its model over (tensor parallelism inside the engine actor's node: set
-    engine.num_gpus to the same number)."""
+    """GPUs each vLLM engine splits its weights and KV cache over (tensor parallelism inside the engine actor's
+    node: set engine.num_gpus to the same number); `raypipe plan` counts num_engines x tensor_parallel_size GPUs."""
     colocate: bool = False
     """Engines share their GPUs with training: each engine sleeps (vLLM sleep mode level 2: weights and KV cache
     released) while a training or scoring stage runs, and wakes with the new weights. Give engine.num_gpus and
@@ -172,6 +176,19 @@ class TrainConfig:
     """DeepSpeed ZeRO stage (0-3). 3 shards parameters too (needed for 7B+)."""
     bf16: bool = False
     """bfloat16 mixed precision (GPUs; fp32 on CPU)."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward on each worker; the per-worker batch (optim.batch_size / num_workers) is
+    reached by gradient accumulation. None: the whole per-worker batch in one pass."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input during the forward and recompute the rest in the backward: much less
+    activation memory for about a third more compute."""
+    logits_chunk_tokens: int = 4096
+    """Log-probs are computed this many scored tokens at a time, never the full-vocabulary log-softmax of the
+    batch; 0: the plain full-logits path."""
+    offload_optimizer: bool = False
+    """ZeRO stage 1-3 (DeepSpeed's CPU offload): keep the optimizer states (fp32 master weights, Adam m and
+    v) in CPU memory and step there: frees 12 bytes per parameter (bf16) of GPU memory for host memory and
+    step time."""
     log_every_steps: int = 20
     """Metrics logging interval."""
     checkpoint_every_steps: int = 200
@@ -179,6 +196,9 @@ class TrainConfig:
     `checkpoints/` every N optimiser steps; a killed training stage resumes from the last one. 0: never. 200: a
     kill costs at most 200 steps (about 80 s of the quickstart's 700-800-step, 5-minute SFT), and the pause for each
     write (weights plus Adam states, three times the model) stays rare; raise it for large models."""
+    gpu_memory_gib: float = 80.0
+    """Memory of each GPU, in GiB: `raypipe plan` sizes every stage against it, and `raypipe run` refuses a
+    GPU run (train.use_gpu) whose plan does not fit."""
 
 
 @dataclass
@@ -317,6 +337,16 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"round_steps={cfg.round_steps} must be positive (or null: the section's epochs)")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
+    sizes = {"train.gpu_memory_gib": cfg.train.gpu_memory_gib, "train.micro_batch_size": cfg.train.micro_batch_size}
+    for key, size in sizes.items():
+        if size is not None and size <= 0:
+            raise ConfigError(f"{key}={size} must be positive")
+    if cfg.train.logits_chunk_tokens < 0:
+        raise ConfigError(f"train.logits_chunk_tokens={cfg.train.logits_chunk_tokens} must be >= 0 (0: the "
+                          "full logits)")
+    if cfg.train.offload_optimizer and cfg.train.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer=true needs train.zero_stage >= 1 (DeepSpeed offloads the "
+                          "states ZeRO partitions)")
     if cfg.model.path is None and cfg.model.hidden_size // cfg.model.num_heads < 32:
         raise ConfigError("model.hidden_size / model.num_heads must be >= 32 (vLLM's CPU attention needs it)")
     if not 0 <= cfg.realign.max_rejected_fraction <= 1:
