@@ -202,6 +202,20 @@ class TrainConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """Scoring with a frozen model by a Ray Data pass: DPO's reference log-probs and AFT's assessment scores."""
+
+    num_actors: int = 1
+    """Scoring actors, each holding one copy of the model; rows are spread over them."""
+    num_gpus: float = 1.0
+    """GPUs per scoring actor on GPU runs (train.use_gpu); a fraction lets several actors share a GPU."""
+    num_cpus: int = 1
+    """CPUs per scoring actor; also its torch thread count on CPU."""
+    batch_size: int = 32
+    """Rows per forward pass (a preference row scores two sequences, chosen and rejected)."""
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation: greedy decoding, same grader."""
 
@@ -265,6 +279,7 @@ class RunConfig:
     lema: LEMAConfig = field(default_factory=LEMAConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     realign: ReAlignConfig = field(default_factory=ReAlignConfig)

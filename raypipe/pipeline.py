@@ -261,7 +261,7 @@ class Pipeline(StageContext):
             if data.metrics["rows"]:
                 self.pool.make_room()
                 dataset = add_reference_logps(ray.data.read_parquet(str(data_path(data))), model_dir(policy),
-                                              use_gpu=self.cfg.train.use_gpu, max_length=max_length)
+                                              max_length=max_length, **self._scoring())
                 dataset.repartition(1).write_parquet(str(out / "data"))
             return {"rows": data.metrics["rows"]}
 
@@ -310,7 +310,7 @@ class Pipeline(StageContext):
             dataset = ray.data.read_parquet(str(data_path(data)))
             for name, model in (("before", policy), ("after", trained)):
                 dataset = score_sequences(dataset, model_dir(model), ("cand",), prefix=f"{name}_", average=True,
-                                          use_gpu=self.cfg.train.use_gpu, max_length=max_length)
+                                          max_length=max_length, **self._scoring())
             scored = dataset.to_pandas()
             write_rows(out, scored.to_dict("records"))
             qids, positive = scored["qid"].tolist(), scored["positive"].tolist()

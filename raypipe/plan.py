@@ -12,6 +12,7 @@ memory. Estimates, not measurements: none of these figures has been checked on a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,6 @@ TRAIN_LOGIT_COPIES = 3
 backward) and the gradient flowing back through them."""
 SCORE_LOGIT_COPIES = 2
 """Scoring without gradients: the fp32 logits and their log-softmax."""
-REFERENCE_BATCH_ROWS = 32
-"""Rows per reference-scoring batch and..."""
-REFERENCE_ACTORS = 1
-"""...scoring actors: add_reference_logps' defaults, which the pipeline uses (a test keeps them in step)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -223,9 +220,10 @@ def _against_memory(plan: StagePlan, gpu_gib: float) -> StagePlan:
 def _reference_stage(cfg: RunConfig, s: Shape, max_length: int, sides: int) -> StagePlan:
     """Frozen scoring: weights in the training dtype; without gradients only one layer's working set is
     live (hidden states in and out, 2h, and the MLP's gate, up and product, 3f)."""
-    value, tokens = 2 if cfg.train.bf16 else 4, REFERENCE_BATCH_ROWS * sides * max_length
-    plan = StagePlan("reference", REFERENCE_ACTORS, 0,
-                     f"{REFERENCE_BATCH_ROWS} rows x {sides} seq x {max_length} tokens per batch",
+    ref = cfg.reference
+    value, tokens = 2 if cfg.train.bf16 else 4, ref.batch_size * sides * max_length
+    plan = StagePlan("reference", math.ceil(ref.num_actors * ref.num_gpus), 0,
+                     f"{ref.batch_size} rows x {sides} seq x {max_length} tokens per batch",
                      parameter_count(s) * value,
                      activations=tokens * value * (2 * s.hidden + 3 * s.intermediate),
                      logits=SCORE_LOGIT_COPIES * logit_bytes(tokens, s.vocab, cfg.train.logits_chunk_tokens),
@@ -295,7 +293,7 @@ def _changes(cfg: RunConfig, s: Shape, stage: StagePlan) -> list[list[str]]:
     if stage.stage == "reference":
         from raypipe.methods import METHODS
 
-        return [chunk, ["train.bf16=true"],
+        return [chunk, ["train.bf16=true"], [f"reference.batch_size={max(1, cfg.reference.batch_size // 2)}"],
                 [f"{cfg.method}.max_length={METHODS[cfg.method].settings(cfg).max_length // 2}"]]
     zero3 = [] if t.zero_stage == 3 else ["train.zero_stage=3"]
     return [zero3 + [f"train.num_workers={2 * t.num_workers}"], zero3,

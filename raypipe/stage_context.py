@@ -84,6 +84,12 @@ class StageContext:
             return {"epochs": settings.epochs, "max_steps": None}
         return {"epochs": 10_000, "max_steps": self.cfg.round_steps}
 
+    def _scoring(self) -> dict[str, Any]:
+        """Where and how the frozen-model scoring passes run (reference log-probs, assessment)."""
+        ref = self.cfg.reference
+        return {"batch_size": ref.batch_size, "num_actors": ref.num_actors, "num_cpus": ref.num_cpus,
+                "num_gpus": ref.num_gpus, "use_gpu": self.cfg.train.use_gpu}
+
     def _train(self, job: TrainJob, out: Path, prefix: str) -> dict[str, Any]:
         """Run a training stage's job, checkpointing into the stage's folder the store keeps for a rerun."""
         self.pool.make_room()

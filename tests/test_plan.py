@@ -4,7 +4,6 @@ change. No Ray, no model built, no GPU."""
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -168,12 +167,11 @@ def test_new_fields_are_validated() -> None:
         load_config(None, ["train.offload_optimizer=true", "train.zero_stage=0"])
 
 
-def test_reference_batch_matches_the_scoring_pass() -> None:
-    """The plan's reference batch is add_reference_logps' default, which the pipeline calls it with (read
-    from the source, so that this test does not import Ray)."""
-    tree = ast.parse((ROOT / "raypipe/train/reference.py").read_text())
-    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "add_reference_logps")
-    names = [a.arg for a in func.args.args][-len(func.args.defaults):]
-    defaults = {name: ast.literal_eval(value) for name, value in zip(names, func.args.defaults)}
-    assert defaults["batch_size"] == plan.REFERENCE_BATCH_ROWS
-    assert defaults["num_actors"] == plan.REFERENCE_ACTORS
+def test_reference_plan_follows_the_scoring_settings() -> None:
+    """The pipeline scores with cfg.reference (StageContext._scoring); the plan reads the same section."""
+    plans = [next(p for p in plan_run(load_config(RECIPE, overrides)).stages if p.stage == "reference")
+             for overrides in ([], ["reference.batch_size=16"], ["reference.num_actors=2"])]
+    assert plans[0].gpus == 1 and plans[2].gpus == 2
+    assert "32 rows x 2 seq x 1024 tokens" in plans[0].detail and "16 rows" in plans[1].detail
+    # activations and logits scale with the batch (weights do not): half the rows, half of each
+    assert (plans[1].activations * 2, plans[1].weights) == (plans[0].activations, plans[0].weights)

@@ -29,7 +29,8 @@ class VLLMGenerator(Generator):
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self.llm = LLM(model=model_dir, **llm_settings(cfg, self.on_gpu))
+        self.llm = LLM(model=model_dir, load_format="safetensors", trust_remote_code=cfg.trust_remote_code,
+                       **llm_settings(cfg, self.on_gpu))
         self.tokenizer = self.llm.get_tokenizer()
         self.tied_head = bool(getattr(self.llm.model_config.hf_text_config, "tie_word_embeddings", False))
 
@@ -83,10 +84,9 @@ class VLLMGenerator(Generator):
 
 
 def llm_settings(cfg: EngineConfig, on_gpu: bool) -> dict[str, Any]:
-    """`vllm.LLM` arguments besides the model. On GPUs: the memory share, tensor parallelism over the actor's GPUs
+    """`vllm.LLM` arguments besides the model and what it may load. On GPUs: the memory share, tensor parallelism over the actor's GPUs
     (worker processes of its own, on its node) and sleep mode when colocated; on CPU an explicit KV-cache size."""
-    common = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "enforce_eager": cfg.enforce_eager,
-              "load_format": "safetensors", "trust_remote_code": cfg.trust_remote_code}
+    common = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "enforce_eager": cfg.enforce_eager}
     if on_gpu:
         parallel = ({"tensor_parallel_size": cfg.tensor_parallel_size, "distributed_executor_backend": "mp"}
                     if cfg.tensor_parallel_size > 1 else {})

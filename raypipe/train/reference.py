@@ -55,9 +55,10 @@ class _SequenceScorer:
 
 def score_sequences(rows: ray.data.Dataset, model_dir: str, sides: tuple[str, ...], prefix: str = "",
                     average: bool = False, batch_size: int = 32, num_actors: int = 1, use_gpu: bool = False,
-                    max_length: int = 256, num_cpus: int = 1) -> ray.data.Dataset:
+                    max_length: int = 256, num_cpus: int = 1, num_gpus: float = 1.0) -> ray.data.Dataset:
     """`rows` plus `<prefix><side>_logps` per side: the summed (or token-averaged) log-probs of the masked tokens
-    under the frozen model in `model_dir`. `num_cpus` is per actor and is also its torch thread count on CPU."""
+    under the frozen model in `model_dir`. `num_cpus` is per actor and is also its torch thread count on CPU;
+    `num_gpus` is per actor when `use_gpu`."""
     return rows.map_batches(
         _SequenceScorer,
         fn_constructor_kwargs={"model_dir": model_dir, "max_length": max_length, "use_gpu": use_gpu,
@@ -66,16 +67,18 @@ def score_sequences(rows: ray.data.Dataset, model_dir: str, sides: tuple[str, ..
         batch_format="pyarrow",
         concurrency=num_actors,
         num_cpus=num_cpus,
-        num_gpus=1 if use_gpu else 0,
+        num_gpus=num_gpus if use_gpu else 0,
     )
 
 
 def add_reference_logps(pairs: ray.data.Dataset, model_dir: str, batch_size: int = 32, num_actors: int = 1,
-                        use_gpu: bool = False, max_length: int = 256, num_cpus: int = 1) -> ray.data.Dataset:
+                        use_gpu: bool = False, max_length: int = 256, num_cpus: int = 1,
+                        num_gpus: float = 1.0) -> ray.data.Dataset:
     """`pairs` plus `ref_chosen_logps` / `ref_rejected_logps`: summed log-probs of the masked tokens.
 
     `max_length` must equal the training job's (TrainJob.max_length): truncation changes the context, hence the
     log-probabilities.
     """
     return score_sequences(pairs, model_dir, ("chosen", "rejected"), prefix="ref_", batch_size=batch_size,
-                           num_actors=num_actors, use_gpu=use_gpu, max_length=max_length, num_cpus=num_cpus)
+                           num_actors=num_actors, use_gpu=use_gpu, max_length=max_length, num_cpus=num_cpus,
+                           num_gpus=num_gpus)
