@@ -184,6 +184,8 @@ class Plan:
     """The engines first: they hold their GPUs for the whole run, beside each other stage."""
     on_gpu: bool
     """train.use_gpu: `raypipe run` refuses what does not fit."""
+    colocated: bool = False
+    """engine.colocate: the engines sleep while the other stages use their GPUs."""
 
 
 def _gib(n: int) -> str:
@@ -324,7 +326,7 @@ def plan_run(cfg: RunConfig) -> Plan:
     stages = [replace(p, problem=f"{p.problem}. Try: {_hints(cfg, shape, p)}") if p.problem else p
               for p in _stages(cfg, shape)]
     return Plan(source, shape, parameter_count(shape), int(cfg.train.gpu_memory_gib * GiB), stages,
-                cfg.train.use_gpu)
+                cfg.train.use_gpu, cfg.engine.colocate)
 
 
 def check_fits(plan: Plan) -> None:
@@ -352,8 +354,12 @@ def print_plan(plan: Plan) -> None:
     for p in plan.stages:
         console.print(f"{p.stage}: {p.detail}", highlight=False)
     engines, others = plan.stages[0].gpus, max((p.gpus for p in plan.stages[1:]), default=0)
-    console.print(f"GPUs held at once: {engines + others} (the engines hold {engines} for the whole run, "
-                  "beside each other stage's)", highlight=False)
+    if plan.colocated:
+        console.print(f"GPUs held at once: {max(engines, others)} (engine.colocate: the engines sleep while the "
+                      "other stages use their GPUs)", highlight=False)
+    else:
+        console.print(f"GPUs held at once: {engines + others} (the engines hold {engines} for the whole run, "
+                      "beside each other stage's)", highlight=False)
     if not plan.on_gpu:
         console.print("train.use_gpu=false: the figures are as if on GPUs; `raypipe run` checks them for GPU "
                       "runs only", highlight=False)

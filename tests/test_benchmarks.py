@@ -130,3 +130,30 @@ def test_raypipe_contender_reports_from_the_ray_worker(pairs: list[bench.Pair], 
     assert r["padded_tokens_per_s"] >= r["tokens_per_s"] and r["tokens_per_cpu_s"] > 0
     assert r["final_loss"] < math.log(2) - 0.02
     assert r["peak_rss_mib"] > 100 and r["reference_s"] > 0 and r["setup_s"] > 0
+
+
+def test_gpu_smoke_model_decodes_every_id_of_its_padded_vocabulary(tmp_path: Path) -> None:
+    """The smoke run's random model samples any of its vocabulary's ids: each must decode, while the task's text
+    still encodes to the tokenizer's own (non-filler) ids. Checked here at a small shape."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.gpu_smoke import SHAPE, build_model
+
+    corpus = [p.prompt + p.solution for p in load_splits(TaskConfig(sft_problems=50))["sft"]]
+    shape = {**SHAPE, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "vocab_size": 3000}
+    folder = build_model(tmp_path / "model", corpus, shape)
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    assert len(tokenizer) == model.config.vocab_size == 3000 and model.dtype == torch.bfloat16
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert tokenizer.decode([2999]) == "<|filler_2999|>"
+    ids = tokenizer(corpus[0], add_special_tokens=False).input_ids
+    assert max(ids) < 512 and tokenizer.decode(ids) == corpus[0]
+
+
+def test_gpu_smoke_peaks_fall_in_each_stage_window() -> None:
+    from benchmarks.gpu_smoke import peaks
+
+    readings = [(10.0, 500.0), (11.0, 9000.0), (12.0, 700.0), (20.0, 4000.0)]
+    assert peaks(readings, {"a": (9.5, 12.5), "b": (19.0, 21.0), "c": (30.0, 31.0)}) == {
+        "a": 9000.0, "b": 4000.0, "c": None}
