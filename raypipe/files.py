@@ -42,10 +42,10 @@ def hash_cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raypipe" / "model_hashes.json"
 
 
-def model_digest(model_dir: Path) -> str:
-    """sha256 of a model directory's MODEL_FILES (names and contents, not its path): rewritten weights are a new
-    model, the same weights copied elsewhere are the same one."""
-    files = sorted({p for pattern in MODEL_FILES for p in model_dir.glob(pattern) if p.is_file()})
+def model_digest(model_dir: Path, patterns: tuple[str, ...] = MODEL_FILES) -> str:
+    """sha256 of a model directory's files matching `patterns` (names and contents, not its path): rewritten
+    weights are a new model, the same weights copied elsewhere are the same one."""
+    files = sorted({p for pattern in patterns for p in model_dir.glob(pattern) if p.is_file()})
     return _digest([(f.name, f) for f in files])
 
 

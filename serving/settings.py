@@ -6,7 +6,6 @@ command line; both are checked here, so a typo is a ConfigError naming the key, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from raypipe.config import ConfigError, load_config, load_structured
 from raypipe.engines.checks import require_safetensors
 from raypipe.engines.text import EngineError
+from raypipe.files import model_digest
 from raypipe.grading import KINDS
 
 TOKEN_ENV = "RAYPIPE_SERVE_TOKEN"
@@ -122,11 +122,7 @@ def resolve_model(model: str) -> Path:
 def weights_sha256(model_dir: Path) -> str:
     """sha256 over the model's config.json and safetensors files (names and contents): `/v1/models` reports it, so a
     client's response cache tells a model retrained in place from the one it asked before under the same name."""
-    digest = hashlib.sha256()
-    for path in sorted([model_dir / "config.json", *model_dir.glob("*.safetensors")]):
-        with path.open("rb") as f:
-            digest.update(path.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
+    return model_digest(model_dir, ("config.json", "*.safetensors"))
 
 
 @dataclass
