@@ -51,8 +51,8 @@ class CompareConfig:
     base_overrides: list[str] = field(default_factory=list)
     """Dotted overrides applied to every arm (sizes, engine, ...)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Run seeds: each draws its own samples (vLLM sampling is not seeded yet, so not reproducibly) and training
-    order; the SFT checkpoint is the same for all."""
+    """Run seeds: each draws its own (seeded) samples and training order; the SFT checkpoint is the same for
+    all."""
     round_steps: int = 40
     """Optimiser steps of every arm's round update and of the control."""
     arms: dict[str, ArmConfig] = field(default_factory=dict)

@@ -8,7 +8,8 @@ their L_VFT term; the alignment loss skips them (raypipe.train.losses.aft_loss).
 Ranking feedback (constraint 'rank') needs an order beyond right / wrong. On the synthetic task we rank wrong
 chains by how far they got: the exact verifier's first wrong step (later is better). This is step-level oracle
 feedback the other methods do not get; on real data a process reward model or Monte-Carlo values would supply it.
-Without it (other tasks) every wrong chain has rank 0 and 'rank' equals 'bc'.
+A task without an exact checker refuses 'rank' (raypipe.tasks.checks): every wrong chain would rank 0 there and
+'rank' would silently be 'bc'.
 """
 
 from __future__ import annotations
