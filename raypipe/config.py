@@ -157,7 +157,20 @@ class TrainConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (0-3). 3 shards parameters too (needed for 7B+)."""
     bf16: bool = False
-    """bfloat16 mixed precision (GPUs; fp32 on CPU)."""
+    """bfloat16 mixed precision (GPUs; fp32 on CPU). The weights are loaded in bf16 too, for training and
+    for the reference scorer."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward on each worker; the per-worker batch (optim.batch_size / num_workers) is
+    reached by gradient accumulation. None: the whole per-worker batch in one pass."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them: about a third more
+    compute for activation memory that no longer grows with the layer count (long sequences, large models)."""
+    logits_chunk_tokens: int = 4096
+    """Log-probs are computed this many scored tokens at a time, never the full-vocabulary log-softmax of the
+    batch; 0: the plain full-logits path."""
+    offload_optimizer: bool = False
+    """Keep the Adam states (and the optimiser step) in CPU memory: ZeRO stages 1-3; frees twice the model's
+    fp32 size per GPU, at the cost of host-device copies every step."""
     log_every_steps: int = 20
     """Metrics logging interval."""
     checkpoint_every_steps: int = 200
@@ -302,6 +315,7 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"round_steps={cfg.round_steps} must be positive (or null: the section's epochs)")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
+    validate_train(cfg.train)
     if cfg.model.path is None and cfg.model.hidden_size // cfg.model.num_heads < 32:
         raise ConfigError("model.hidden_size / model.num_heads must be >= 32 (vLLM's CPU attention needs it)")
     if not 0 <= cfg.realign.max_rejected_fraction <= 1:
@@ -317,6 +331,18 @@ def _validate(cfg: RunConfig) -> None:
     bad_ops = set(cfg.task.operations) - {"+", "-", "*"}
     if bad_ops:
         raise ConfigError(f"task.operations has unknown operations {sorted(bad_ops)}; use '+', '-', '*'")
+
+
+def validate_train(train: TrainConfig) -> None:
+    """The TrainConfig checks, also run by `run_training` for configs built in code."""
+    if train.micro_batch_size is not None and train.micro_batch_size <= 0:
+        raise ConfigError(f"train.micro_batch_size={train.micro_batch_size} must be positive (or null)")
+    if train.logits_chunk_tokens < 0:
+        raise ConfigError(f"train.logits_chunk_tokens={train.logits_chunk_tokens} must be >= 0 "
+                          "(0: full logits)")
+    if train.offload_optimizer and train.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1 (DeepSpeed offloads ZeRO's "
+                          "partitioned optimiser states)")
 
 
 def _validate_task(cfg: RunConfig) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe.config import OptimConfig, TrainConfig, WarmupConfig
+from raypipe.config import OptimConfig, TrainConfig, WarmupConfig, validate_train
 from raypipe.train.objectives import Objective
 from raypipe.update_config import LoRAConfig
 
@@ -147,6 +147,7 @@ def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"batch_size {job.optim.batch_size} is not divisible by {cfg.num_workers} workers")
     if cfg.checkpoint_every_steps < 0:
         raise ValueError(f"checkpoint_every_steps must be >= 0, got {cfg.checkpoint_every_steps}")
+    validate_train(cfg)
     start = time.perf_counter()
     if not ray.is_initialized():
         ray.init(num_cpus=8)
