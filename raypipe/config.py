@@ -171,6 +171,10 @@ class TrainConfig:
     offload_optimizer: bool = False
     """Keep the Adam states (and the optimiser step) in CPU memory: ZeRO stages 1-3; frees twice the model's
     fp32 size per GPU, at the cost of host-device copies every step."""
+    packing: bool = False
+    """Pack each micro-batch's sequences (SFT rows, both sides of its preference pairs, AFT chains) into as
+    few rows of the longest one's length as they fit, kept apart by position ids that restart per sequence
+    (a block-diagonal causal mask): less compute on padding when lengths vary."""
     log_every_steps: int = 20
     """Metrics logging interval."""
     checkpoint_every_steps: int = 200

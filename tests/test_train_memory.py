@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raypipe.config import ConfigError, OptimConfig, TaskConfig, TrainConfig, load_config
 from raypipe.data.synthetic import generate_split
-from raypipe.train.collate import pad_sequences
+from raypipe.train.collate import pack_lines, pad_sequences
 from raypipe.train.logprobs import TokenLogProbs
 from raypipe.train.loop import _Interval, _train_step, build_ds_config, load_policy
 from raypipe.train.losses import sequence_logps
@@ -113,6 +113,58 @@ def test_models_whose_logits_are_not_the_plain_head_are_refused(tiny_model_dir: 
         TokenLogProbs(model, 64)
     model.config.logit_scale = 1.0
     TokenLogProbs(model, 64)
+
+
+# ---------------------------------------------------------------- packing
+
+def test_pack_lines_first_fit_decreasing() -> None:
+    assert pack_lines([5, 2, 3, 5, 1], 5) == [[0], [3], [2, 1], [4]]
+    lines = pack_lines([7, 1, 4, 3, 2, 6, 0], 7)
+    assert sorted(r for line in lines for r in line) == list(range(7))
+    assert all(sum([7, 1, 4, 3, 2, 6, 0][r] for r in line) <= 7 for line in lines) and len(lines) == 4
+    with pytest.raises(ValueError):
+        pack_lines([8], 7)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_packed_rows_score_as_unpacked(tiny_model_dir: Path, tok, attention: str, chunk: int) -> None:
+    """Rows of 20-70 tokens (prompts unscored, one row a single token) packed into fewer lines: the same
+    log-probs and gradients, so no row attends to another and positions restart per row."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64,
+                                                 attn_implementation=attention)
+    rows = _rows(tok, 6) + [(r[0][:20], r[1][:20]) for r in _rows(tok, 3, "sft")] + [([5], [1])]
+    ids, attn, mask = pad_sequences([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id)
+    lines: list[int] = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: lines.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    results = []
+    for packing in (False, True):
+        path = TokenLogProbs(model, chunk, packing=packing)
+        logps = path(input_ids=ids, attention_mask=attn, loss_mask=mask)
+        (sequence_logps(logps, mask) * torch.arange(1.0, len(rows) + 1, dtype=logps.dtype)).sum().backward()
+        results.append((logps.detach(), _grads(model)))
+    hook.remove()
+    assert lines == [len(rows), len(pack_lines(attn.sum(-1).tolist(), ids.shape[1]))] and lines[1] <= 7
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=1e-9)
+    _assert_close_grads(results[1][1], results[0][1], 1e-8)
+
+
+def test_packed_preference_loss_equals_unpacked(tiny_model_dir: Path, tok) -> None:
+    """Chosen and rejected sides of the same pairs share the packed lines (rejected sides cut to 25
+    tokens)."""
+    objective = PreferenceObjective("sigmoid", beta=0.1, nll_weight=0.5)
+    batch = [(c, cm, r[:25], rm[:25], *ref) for c, cm, r, rm, *ref in _batch(objective, "preference", tok)]
+    model = _model(tiny_model_dir)
+    lines: list[int] = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: lines.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    losses = [objective.step(TokenLogProbs(model, 4096, packing=packing), batch, tok.pad_token_id)
+              for packing in (False, True)]
+    hook.remove()
+    assert lines[0] == 16 and lines[1] <= 12, lines
+    assert losses[1][0].item() == pytest.approx(losses[0][0].item(), rel=1e-10)
+    torch.testing.assert_close(losses[1][1]["chosen"], losses[0][1]["chosen"], rtol=1e-9, atol=1e-9)
 
 
 # ---------------------------------------------------------------- micro-batches (gradient accumulation)

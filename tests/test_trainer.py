@@ -175,15 +175,15 @@ def test_killed_training_resumes_from_its_last_checkpoint(sft_zero2: dict, tmp_p
     assert all(torch.allclose(mine[k], theirs[k], atol=1e-5) for k in theirs), "the uninterrupted run's weights"
 
 
-def test_micro_batches_checkpointing_chunks_and_offload_train_like_one_batch(sft_zero2: dict,
+def test_micro_batches_checkpointing_chunks_packing_and_offload_train_like_one_batch(sft_zero2: dict,
                                                                            tmp_path: Path) -> None:
     """`sft_zero2`'s job in micro-batches of 4 (4 forward/backwards per step), with gradient checkpointing,
-    16-token log-prob chunks and the Adam states offloaded: the same steps, tokens and per-step log, the same
-    first loss, and losses that stay within rounding of the one-batch run's."""
+    16-token log-prob chunks, packed rows and the Adam states offloaded: the same steps, tokens and per-step
+    log, the same first loss, and losses that stay within rounding of the one-batch run's."""
     job = replace(sft_zero2["job"], output_dir=str(tmp_path / "out"), log_path=str(tmp_path / "log.jsonl"))
     result = run_training(job, TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1, micro_batch_size=4,
                                            gradient_checkpointing=True, logits_chunk_tokens=16,
-                                           offload_optimizer=True))
+                                           offload_optimizer=True, packing=True))
     mine, theirs = _log_lines(tmp_path / "log.jsonl"), _log_lines(Path(sft_zero2["job"].log_path))
     assert result.steps == 8 and [line["step"] for line in mine] == list(range(1, 9))
     assert result.tokens == sft_zero2["result"].tokens

@@ -10,6 +10,12 @@ The chunked path never builds the batch's (B, T, V) logits or log-softmax (at T 
 2.5 GB per row in fp32, twice): it runs the decoder to its final hidden states, keeps the positions whose next
 token is scored, and applies the output layer `chunk_tokens` positions at a time, each chunk under activation
 checkpointing, so only one (chunk x V) block of logits is alive at a time, in backward too.
+
+With `packing`, the batch's sequences are first packed into fewer rows (collate.pack_lines) with position ids
+restarting at each sequence and no 2D attention mask: transformers then builds a block-diagonal causal mask
+from the position ids (masking_utils.find_packed_sequence_indices; tested with sdpa and eager attention), so
+no sequence sees another. The log-probs come back in the padded layout, so the objectives do
+not know whether the batch was packed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from raypipe.config import ConfigError
+from raypipe.train.collate import pack_lines
 from raypipe.train.losses import token_logps
 
 _LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
@@ -57,28 +64,61 @@ class TokenLogProbs(torch.nn.Module):
 
     `equal_calls`: all-reduce the chunk count so every rank calls the output layer equally often (ZeRO-3
     gathers its weight at each call, a collective every rank must join); set it under ZeRO-3 with several
-    ranks.
+    ranks. `packing`: run the rows packed (the module docstring), for right-padded batches.
     """
 
-    def __init__(self, model: Any, chunk_tokens: int, equal_calls: bool = False) -> None:
+    def __init__(self, model: Any, chunk_tokens: int, equal_calls: bool = False,
+                 packing: bool = False) -> None:
         super().__init__()
         if chunk_tokens < 0:
             raise ConfigError(f"train.logits_chunk_tokens={chunk_tokens} must be >= 0")
         if chunk_tokens:
             check_plain_head(model)
-        self.model, self.chunk_tokens, self.equal_calls = model, chunk_tokens, equal_calls
+        self.model, self.chunk_tokens = model, chunk_tokens
+        self.equal_calls, self.packing = equal_calls, packing
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+        if self.packing:
+            return self._packed(input_ids, attention_mask, loss_mask)
+        return self._logps(input_ids, loss_mask, attention_mask=attention_mask)
+
+    def _packed(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+        """`_logps` of the rows packed into lines, returned in the rows' padded (B, T-1) layout."""
+        lengths = attention_mask.sum(-1).tolist()
+        width = input_ids.shape[1]
+        lines = pack_lines(lengths, width)
+        device = input_ids.device
+        ids, positions, mask = (torch.zeros((len(lines), width), dtype=torch.long, device=device)
+                                for _ in range(3))
+        where = {}
+        for k, rows in enumerate(lines):
+            start = 0
+            for row in rows:
+                n = lengths[row]
+                ids[k, start:start + n] = input_ids[row, :n]
+                positions[k, start:start + n] = torch.arange(n, device=device)
+                mask[k, start + 1:start + n] = loss_mask[row, 1:n]  # a row's first token is never scored
+                where[row], start = (k, start), start + n
+            positions[k, start:] = torch.arange(width - start, device=device)  # padding: one more sequence
+        logps = self._logps(ids, mask, position_ids=positions)
+        rows = [logps[line, start:start + max(lengths[r] - 1, 0)]
+                for r, (line, start) in sorted(where.items())]
+        out = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        return torch.nn.functional.pad(out, (0, width - 1 - out.shape[1]))
+
+    def _logps(self, input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor | None = None,
+               position_ids: Tensor | None = None) -> Tensor:
+        """The log-probs of one (padded or packed) batch, chunked or from the full logits."""
         scored = loss_mask[:, 1:].bool()
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
         if not self.chunk_tokens:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return token_logps(logits, input_ids).masked_fill(~scored, 0.0)
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state
+            return token_logps(self.model(**inputs).logits, input_ids).masked_fill(~scored, 0.0)
+        hidden = self.model.get_decoder()(**inputs).last_hidden_state
         states, targets = hidden[:, :-1][scored], input_ids[:, 1:][scored]
         size = self.chunk_tokens
         calls = max(1, -(-len(targets) // size))

@@ -213,7 +213,7 @@ def load_policy(model_dir: str, cfg: TrainConfig, lora: Any, equal_calls: bool =
     if lora is not None and lora.rank:
         model = _with_lora(model, lora)
     model.train()  # from_pretrained leaves eval mode, where checkpointing and dropout (LoRA's too) are off
-    return TokenLogProbs(model, cfg.logits_chunk_tokens, equal_calls=equal_calls)
+    return TokenLogProbs(model, cfg.logits_chunk_tokens, equal_calls=equal_calls, packing=cfg.packing)
 
 
 def _save_checkpoint(engine: Any, rank: int, state: dict[str, Any]) -> None:
