@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from raypipe.config import ConfigError, OptimConfig, TaskConfig, TrainConfig, load_config
 from raypipe.data.synthetic import generate_split
 from raypipe.train.collate import pack_lines, pad_sequences
-from raypipe.train.logprobs import TokenLogProbs
-from raypipe.train.loop import _Interval, _train_step, build_ds_config, load_policy
+from raypipe.train.logprobs import TokenLogProbs, load_policy
+from raypipe.train.loop import _Interval, _train_step, build_ds_config
 from raypipe.train.losses import sequence_logps
 from raypipe.train.objectives import AFTObjective, PreferenceObjective, SFTObjective
 from raypipe.train.reference import _SequenceScorer

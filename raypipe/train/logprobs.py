@@ -1,5 +1,5 @@
 """Log-probs of a causal LM's scored tokens: the one model-touching function of training and of reference
-scoring.
+scoring, and the trainable model built around it (`load_policy`).
 
 `TokenLogProbs` wraps the Hugging Face model; the DeepSpeed engine wraps it in turn, so `engine(input_ids=...,
 attention_mask=..., loss_mask=...)` runs through `engine.forward` (ZeRO-3's start-of-forward hook, parameter
@@ -20,7 +20,7 @@ not know whether the batch was packed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,10 @@ from torch.utils.checkpoint import checkpoint
 from raypipe.config import ConfigError
 from raypipe.train.collate import pack_lines
 from raypipe.train.losses import token_logps
+
+if TYPE_CHECKING:
+    from raypipe.config import TrainConfig
+    from raypipe.update_config import LoRAConfig
 
 _LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 """Config fields of models whose logits are not the plain output layer (Gemma 2's soft-capping, Cohere's
@@ -132,3 +136,31 @@ class TokenLogProbs(torch.nn.Module):
                             for i in range(calls)])
         zero = hidden[:, :-1, 0].to(values.dtype) * 0  # attached to the graph even when nothing is scored
         return zero.masked_scatter(scored, values)
+
+
+def load_policy(model_dir: str, cfg: TrainConfig, lora: LoRAConfig | None,
+                equal_calls: bool = False) -> TokenLogProbs:
+    """The trainable model as DeepSpeed gets it: weights in the training dtype, optional gradient
+    checkpointing and LoRA adapters, in train mode, inside the `TokenLogProbs` that the objectives call."""
+    from transformers import AutoModelForCausalLM
+
+    # safetensors only, and never a model folder's own code (engine.trust_remote_code covers generation only)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=False)
+    if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs (LoRA) need no enable_input_require_grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None and lora.rank:
+        model = _with_lora(model, lora)
+    model.train()  # from_pretrained leaves eval mode, where checkpointing and dropout (LoRA's too) are off
+    return TokenLogProbs(model, cfg.logits_chunk_tokens, equal_calls=equal_calls, packing=cfg.packing)
+
+
+def _with_lora(model: Any, lora: LoRAConfig) -> Any:
+    """The model with trainable low-rank adapters (peft) and every base weight frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules if lora.target_modules == "all-linear" else [
+        m.strip() for m in lora.target_modules.split(",") if m.strip()]
+    return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=targets, task_type="CAUSAL_LM"))

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from raypipe.train.logprobs import TokenLogProbs
+from raypipe.train.logprobs import load_policy
 
 if TYPE_CHECKING:
     from raypipe.config import OptimConfig, TrainConfig
@@ -199,23 +199,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ray.train.report(summary)
 
 
-def load_policy(model_dir: str, cfg: TrainConfig, lora: Any, equal_calls: bool = False) -> TokenLogProbs:
-    """The trainable model as DeepSpeed gets it: weights in the training dtype, optional gradient
-    checkpointing and LoRA adapters, in train mode, inside the `TokenLogProbs` that the objectives call."""
-    from transformers import AutoModelForCausalLM
-
-    # safetensors only, and never a model folder's own code (engine.trust_remote_code covers generation only)
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=False)
-    if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs (LoRA) need no enable_input_require_grads
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora is not None and lora.rank:
-        model = _with_lora(model, lora)
-    model.train()  # from_pretrained leaves eval mode, where checkpointing and dropout (LoRA's too) are off
-    return TokenLogProbs(model, cfg.logits_chunk_tokens, equal_calls=equal_calls, packing=cfg.packing)
-
-
 def _save_checkpoint(engine: Any, rank: int, state: dict[str, Any]) -> None:
     """Every rank: its part of DeepSpeed's checkpoint (rank 0 the weights and `state`, each rank its optimiser
     shard) and its RNG state, handed to Ray Train, which merges the ranks' folders into one checkpoint."""
@@ -375,16 +358,6 @@ def _evaluate(model: Any, tokenizer: Any, dev: DevEval, step: int, device: torch
         log.warning("dev step %d: accuracy %.3f (%d prompts, %.1f s)", step, accuracy, n,
                     time.perf_counter() - start)
     return {"step": step, "accuracy": accuracy, "seconds": time.perf_counter() - start}
-
-
-def _with_lora(model: Any, lora: Any) -> Any:
-    """The model with trainable low-rank adapters (peft) and every base weight frozen."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = lora.target_modules if lora.target_modules == "all-linear" else [
-        m.strip() for m in lora.target_modules.split(",") if m.strip()]
-    return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=targets, task_type="CAUSAL_LM"))
 
 
 def _export(engine: Any, job: TrainJob, zero3: bool, rank: int, summary: dict[str, Any]) -> None:
