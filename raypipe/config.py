@@ -175,20 +175,24 @@ class TrainConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (0-3). 3 shards parameters too (needed for 7B+)."""
     bf16: bool = False
-    """bfloat16 mixed precision (GPUs; fp32 on CPU)."""
+    """bfloat16 mixed precision (GPUs; fp32 on CPU). The weights are loaded in bf16 too, for training and
+    for the reference scorer."""
     micro_batch_size: int | None = None
     """Rows per forward/backward on each worker; the per-worker batch (optim.batch_size / num_workers) is
     reached by gradient accumulation. None: the whole per-worker batch in one pass."""
     gradient_checkpointing: bool = False
-    """Keep only each layer's input during the forward and recompute the rest in the backward: much less
-    activation memory for about a third more compute."""
+    """Recompute each decoder layer's activations in backward instead of keeping them: about a third more
+    compute for activation memory that no longer grows with the layer count (long sequences, large models)."""
     logits_chunk_tokens: int = 4096
     """Log-probs are computed this many scored tokens at a time, never the full-vocabulary log-softmax of the
     batch; 0: the plain full-logits path."""
     offload_optimizer: bool = False
-    """ZeRO stage 1-3 (DeepSpeed's CPU offload): keep the optimizer states (fp32 master weights, Adam m and
-    v) in CPU memory and step there: frees 12 bytes per parameter (bf16) of GPU memory for host memory and
-    step time."""
+    """Keep the Adam states (and the optimiser step) in CPU memory: ZeRO stages 1-3; frees twice the model's
+    fp32 size per GPU, at the cost of host-device copies every step."""
+    packing: bool = False
+    """Pack each micro-batch's sequences (SFT rows, both sides of its preference pairs, AFT chains) into as
+    few rows of the longest one's length as they fit, kept apart by position ids that restart per sequence
+    (a block-diagonal causal mask): less compute on padding when lengths vary."""
     log_every_steps: int = 20
     """Metrics logging interval."""
     checkpoint_every_steps: int = 200
@@ -352,16 +356,9 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"round_steps={cfg.round_steps} must be positive (or null: the section's epochs)")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} must be 0, 1, 2 or 3")
-    sizes = {"train.gpu_memory_gib": cfg.train.gpu_memory_gib, "train.micro_batch_size": cfg.train.micro_batch_size}
-    for key, size in sizes.items():
-        if size is not None and size <= 0:
-            raise ConfigError(f"{key}={size} must be positive")
-    if cfg.train.logits_chunk_tokens < 0:
-        raise ConfigError(f"train.logits_chunk_tokens={cfg.train.logits_chunk_tokens} must be >= 0 (0: the "
-                          "full logits)")
-    if cfg.train.offload_optimizer and cfg.train.zero_stage == 0:
-        raise ConfigError("train.offload_optimizer=true needs train.zero_stage >= 1 (DeepSpeed offloads the "
-                          "states ZeRO partitions)")
+    if cfg.train.gpu_memory_gib <= 0:
+        raise ConfigError(f"train.gpu_memory_gib={cfg.train.gpu_memory_gib} must be positive")
+    validate_train(cfg.train)
     if cfg.model.path is None and cfg.model.hidden_size // cfg.model.num_heads < 32:
         raise ConfigError("model.hidden_size / model.num_heads must be >= 32 (vLLM's CPU attention needs it)")
     if not 0 <= cfg.realign.max_rejected_fraction <= 1:
@@ -390,6 +387,18 @@ def _validate_engine(cfg: RunConfig) -> None:
     if engine.colocate and (engine.backend != "vllm" or not engine.num_gpus or not cfg.train.use_gpu):
         raise ConfigError("engine.colocate needs GPUs: engine.backend=vllm, engine.num_gpus > 0 and "
                           "train.use_gpu=true (vLLM's sleep mode frees GPU memory; on CPU there is none to share)")
+
+
+def validate_train(train: TrainConfig) -> None:
+    """The TrainConfig checks, also run by `run_training` for configs built in code."""
+    if train.micro_batch_size is not None and train.micro_batch_size <= 0:
+        raise ConfigError(f"train.micro_batch_size={train.micro_batch_size} must be positive (or null)")
+    if train.logits_chunk_tokens < 0:
+        raise ConfigError(f"train.logits_chunk_tokens={train.logits_chunk_tokens} must be >= 0 "
+                          "(0: full logits)")
+    if train.offload_optimizer and train.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1 (DeepSpeed offloads ZeRO's "
+                          "partitioned optimiser states)")
 
 
 def _validate_task(cfg: RunConfig) -> None:

@@ -255,7 +255,7 @@ class Pipeline(StageContext):
 
     def reference(self, r: int, data: StageResult, policy: StageResult) -> StageResult:
         """pi_ref log-probs of every pair, once per round, by a Ray Data pass over the frozen policy."""
-        max_length = self.method.settings(self.cfg).max_length
+        max_length, train = self.method.settings(self.cfg).max_length, self.cfg.train
 
         def body(out: Path) -> dict[str, Any]:
             if data.metrics["rows"]:
@@ -265,7 +265,8 @@ class Pipeline(StageContext):
                 dataset.repartition(1).write_parquet(str(out / "data"))
             return {"rows": data.metrics["rows"]}
 
-        return self.store.run(r, "reference", max_length, [data, policy], body)
+        fingerprint = (max_length, train.bf16, train.logits_chunk_tokens)
+        return self.store.run(r, "reference", fingerprint, [data, policy], body)
 
     def train(self, r: int, data: StageResult, policy: StageResult) -> StageResult:
         """The method's update on its training set, by the Ray Train + DeepSpeed loop."""
@@ -302,6 +303,7 @@ class Pipeline(StageContext):
     def assess(self, r: int, data: StageResult, policy: StageResult, trained: StageResult) -> StageResult:
         """Assessment accuracy (AFT paper) of the policy before and after the round's update."""
         max_length = self.cfg.sampling.max_new_tokens + 64  # the sampled chain and room for its prompt
+        train = self.cfg.train
 
         def body(out: Path) -> dict[str, Any]:
             if not data.metrics["rows"]:
@@ -317,7 +319,8 @@ class Pipeline(StageContext):
             return {f"assessment_{name}": assessment_accuracy(qids, positive, scored[f"{name}_cand_logps"].tolist())
                     for name in ("before", "after")}
 
-        return self.store.run(r, "assess", max_length, [data, policy, trained], body)
+        fingerprint = (max_length, train.bf16, train.logits_chunk_tokens)
+        return self.store.run(r, "assess", fingerprint, [data, policy, trained], body)
 
     def control(self, r: int, previous: StageResult, worked: StageResult, trained: StageResult) -> StageResult:
         """SFT continued on its own data for exactly as many optimiser steps as the method just took."""

@@ -85,10 +85,12 @@ class StageContext:
         return {"epochs": 10_000, "max_steps": self.cfg.round_steps}
 
     def _scoring(self) -> dict[str, Any]:
-        """Where and how the frozen-model scoring passes run (reference log-probs, assessment)."""
-        ref = self.cfg.reference
+        """Where and how the frozen-model scoring passes run (reference log-probs, assessment): in the training
+        dtype and log-prob path, so the scores are the policy's own at step 0."""
+        ref, train = self.cfg.reference, self.cfg.train
         return {"batch_size": ref.batch_size, "num_actors": ref.num_actors, "num_cpus": ref.num_cpus,
-                "num_gpus": ref.num_gpus, "use_gpu": self.cfg.train.use_gpu}
+                "num_gpus": ref.num_gpus, "use_gpu": train.use_gpu, "bf16": train.bf16,
+                "logits_chunk_tokens": train.logits_chunk_tokens}
 
     def _train(self, job: TrainJob, out: Path, prefix: str) -> dict[str, Any]:
         """Run a training stage's job, checkpointing into the stage's folder the store keeps for a rerun."""

@@ -51,34 +51,36 @@ def test_sequence_logps_equals_hand_sum_over_mask() -> None:
     logits, labels = tiny()
     mask = torch.tensor([[0, 1, 0, 1]])  # score labels at positions 1 and 3
     expected = log_softmax_entry(LOGITS[0], LABELS[1]) + log_softmax_entry(LOGITS[2], LABELS[3])
-    assert sequence_logps(logits, labels, mask).item() == pytest.approx(expected, abs=1e-12)
-    assert sequence_logps(logits, labels, mask, average=True).item() == pytest.approx(expected / 2, abs=1e-12)
+    assert sequence_logps(token_logps(logits, labels), mask).item() == pytest.approx(expected, abs=1e-12)
+    mean = sequence_logps(token_logps(logits, labels), mask, average=True)
+    assert mean.item() == pytest.approx(expected / 2, abs=1e-12)
 
 
 def test_position_zero_label_is_never_scored() -> None:
     logits, labels = tiny()
-    without = sequence_logps(logits, labels, torch.tensor([[0, 1, 1, 1]]))
-    with_first = sequence_logps(logits, labels, torch.tensor([[1, 1, 1, 1]]))
+    without = sequence_logps(token_logps(logits, labels), torch.tensor([[0, 1, 1, 1]]))
+    with_first = sequence_logps(token_logps(logits, labels), torch.tensor([[1, 1, 1, 1]]))
     torch.testing.assert_close(without, with_first)
     changed = labels.clone()
     changed[0, 0] = 0  # the first label has no predicting position: changing it changes nothing
-    torch.testing.assert_close(sequence_logps(logits, changed, torch.tensor([[1, 1, 1, 1]])), without)
+    every = torch.tensor([[1, 1, 1, 1]])
+    torch.testing.assert_close(sequence_logps(token_logps(logits, changed), every), without)
     # ... but the logits at the last position predict nothing either.
     moved = logits.clone()
     moved[0, -1] = torch.tensor([9.0, -9.0, 0.0], dtype=F64)
-    torch.testing.assert_close(sequence_logps(moved, labels, torch.tensor([[1, 1, 1, 1]])), without)
+    torch.testing.assert_close(sequence_logps(token_logps(moved, labels), every), without)
 
 
 def test_tokens_outside_mask_change_nothing() -> None:
     logits, labels = tiny()
     mask = torch.tensor([[0, 0, 1, 0]])  # only label 2, predicted by logits[1]
-    base = sequence_logps(logits, labels, mask)
+    base = sequence_logps(token_logps(logits, labels), mask)
     noisy = logits.clone()
     noisy[0, 0] += torch.tensor([5.0, -3.0, 1.0], dtype=F64)
     noisy[0, 2] += torch.tensor([-2.0, 4.0, 0.5], dtype=F64)
     other = labels.clone()
     other[0, 1], other[0, 3] = 0, 2  # different (e.g. padding) ids outside the mask are harmless
-    torch.testing.assert_close(sequence_logps(noisy, other, mask), base)
+    torch.testing.assert_close(sequence_logps(token_logps(noisy, other), mask), base)
     assert base.item() == pytest.approx(log_softmax_entry(LOGITS[1], LABELS[2]), abs=1e-12)
 
 
@@ -87,7 +89,7 @@ def test_batch_rows_are_independent_and_padded_rows_ok() -> None:
     batch_logits = torch.cat([logits, torch.zeros_like(logits)])
     batch_labels = torch.cat([labels, torch.tensor([[1, 0, 0, 0]])])
     mask = torch.tensor([[0, 1, 1, 1], [0, 1, 0, 0]])
-    out = sequence_logps(batch_logits, batch_labels, mask)
+    out = sequence_logps(token_logps(batch_logits, batch_labels), mask)
     assert out.shape == (2,)
     assert out[0].item() == pytest.approx(sum(log_softmax_entry(LOGITS[t], LABELS[t + 1]) for t in range(3)))
     assert out[1].item() == pytest.approx(math.log(1 / 3))  # uniform logits over 3 tokens
@@ -99,18 +101,18 @@ def test_zero_token_rows_give_zero_not_nan() -> None:
     labels = labels.repeat(2, 1)
     mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]])  # row 1: only position 0, which is never scored
     for average in (False, True):
-        out = sequence_logps(logits, labels, mask, average=average)
+        out = sequence_logps(token_logps(logits, labels), mask, average=average)
         assert out[1].item() == 0.0 and not torch.isnan(out).any()
         (grad,) = torch.autograd.grad(out.sum(), logits)
         assert not torch.isnan(grad).any() and grad[1].abs().sum() == 0
-    assert sft_loss(logits, labels, torch.zeros_like(mask)).item() == 0.0
+    assert sft_loss(token_logps(logits, labels), torch.zeros_like(mask)).item() == 0.0
 
 
 def test_average_vs_sum() -> None:
     logits, labels = tiny()
     mask = torch.tensor([[0, 1, 1, 1]])
-    total = sequence_logps(logits, labels, mask)
-    mean = sequence_logps(logits, labels, mask, average=True)
+    total = sequence_logps(token_logps(logits, labels), mask)
+    mean = sequence_logps(token_logps(logits, labels), mask, average=True)
     torch.testing.assert_close(mean, total / 3)
 
 
@@ -122,8 +124,10 @@ def test_no_eos_is_added_step_with_and_without_eos_differ() -> None:
     """
     a, b, eos, prompt = 0, 1, 2, 1
     logits = torch.tensor([[[0.2, 0.1, -0.3], [1.0, 0.0, 0.5], [0.0, 2.0, 0.1], [0.4, 0.3, 1.2]]], dtype=F64)
-    no_eos = sequence_logps(logits[:, :3], torch.tensor([[prompt, a, b]]), torch.tensor([[0, 1, 1]]))
-    with_eos = sequence_logps(logits, torch.tensor([[prompt, a, b, eos]]), torch.tensor([[0, 1, 1, 1]]))
+    no_eos = sequence_logps(token_logps(logits[:, :3], torch.tensor([[prompt, a, b]])),
+                            torch.tensor([[0, 1, 1]]))
+    with_eos = sequence_logps(token_logps(logits, torch.tensor([[prompt, a, b, eos]])),
+                              torch.tensor([[0, 1, 1, 1]]))
     expected = log_softmax_entry([0.2, 0.1, -0.3], a) + log_softmax_entry([1.0, 0.0, 0.5], b)
     assert no_eos.item() == pytest.approx(expected, abs=1e-12)
     assert with_eos.item() == pytest.approx(expected + log_softmax_entry([0.0, 2.0, 0.1], eos), abs=1e-12)
@@ -138,7 +142,8 @@ def test_sft_loss_is_token_level_mean_over_batch() -> None:
     mask = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]])  # 3 + 1 tokens: a token mean, not a mean of row means
     lp = [log_softmax_entry(LOGITS[t], LABELS[t + 1]) for t in range(3)]
     expected = -(lp[0] + lp[1] + lp[2] + lp[2]) / 4
-    assert sft_loss(batch_logits, batch_labels, mask).item() == pytest.approx(expected, abs=1e-12)
+    loss = sft_loss(token_logps(batch_logits, batch_labels), mask)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
 
 
 # ---------------------------------------------------------------- DPO / IPO
@@ -199,7 +204,7 @@ def test_dpo_gradient_flows_through_sequence_logps_to_logits() -> None:
     logits, labels = tiny()
     logits = logits.repeat(2, 1, 1).requires_grad_()
     labels = labels.repeat(2, 1)
-    logps = sequence_logps(logits, labels, torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]]))
+    logps = sequence_logps(token_logps(logits, labels), torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]]))
     ref = logps.detach() - 0.1
     loss, _, _ = dpo_loss(logps[:1], logps[1:], ref[:1], ref[1:], 0.1)
     loss.backward()

@@ -1,7 +1,8 @@
 """Training objectives on a real (tiny, random) model, without Ray: how rows become losses.
 
-An HF causal LM is called exactly like the DeepSpeed engine (`model(input_ids=..., attention_mask=...)`, `.device`),
-so each objective's `step` runs here on the plain model.
+The DeepSpeed engine wraps a `TokenLogProbs`, which is called the same way (`model(input_ids=...,
+attention_mask=..., loss_mask=...)`, `.device`), so each objective's `step` runs here on the plain wrapped
+model. The expected values come from the plain full-logits forward of the HF model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from raypipe.data.synthetic import generate_split
 from raypipe.config import TaskConfig
 from raypipe.train.collate import pad_sequences
-from raypipe.train.losses import sequence_logps, sft_loss
+from raypipe.train.logprobs import TokenLogProbs
+from raypipe.train.losses import sequence_logps, sft_loss, token_logps
 from raypipe.train.objectives import AFTObjective, PreferenceObjective, SFTObjective
 from tests.test_aft_loss import slow_aft
 
@@ -23,7 +25,8 @@ from tests.test_aft_loss import slow_aft
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_model_dir: Path):
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    return (TokenLogProbs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4096),
+            AutoTokenizer.from_pretrained(tiny_model_dir))
 
 
 def _row(tok, prompt: str, completion: str) -> tuple[list[int], list[int]]:
@@ -39,8 +42,8 @@ def _problems(n: int = 4):
 def _logps(model, ids, mask, average=False) -> list[float]:
     batch, attn, loss_mask = pad_sequences(ids, mask, 0)
     with torch.no_grad():
-        logits = model(input_ids=batch, attention_mask=attn).logits
-    return sequence_logps(logits, batch, loss_mask, average=average).tolist()
+        logits = model.model(input_ids=batch, attention_mask=attn).logits
+    return sequence_logps(token_logps(logits, batch), loss_mask, average=average).tolist()
 
 
 def _wrong(p) -> str:
@@ -100,7 +103,7 @@ def test_aft_loss_is_vft_plus_weighted_alignment(model_and_tok) -> None:
     only_vft, _ = AFTObjective("bc", weight=0.0).step(model, batch, 0)
     ids, attn, mask = pad_sequences([r["sft_ids"] for r in rows], [r["sft_mask"] for r in rows], 0)
     with torch.no_grad():
-        expected = sft_loss(model(input_ids=ids, attention_mask=attn).logits, ids, mask)
+        expected = sft_loss(token_logps(model.model(input_ids=ids, attention_mask=attn).logits, ids), mask)
     assert only_vft.item() == pytest.approx(expected.item(), rel=1e-5)
     full, stats = AFTObjective("bc", beta=0.5, weight=2.0).step(model, batch, 0)
     assert full.item() == pytest.approx(stats["aft/vft"].item() + 2.0 * stats["aft/constrained"].item(), rel=1e-5)
@@ -118,7 +121,7 @@ def test_aft_loss_is_vft_plus_weighted_alignment(model_and_tok) -> None:
 def _margin_gain(tiny_model_dir: Path, weight: float) -> float:
     """How much 5 SGD steps of AFT (dc) widen the right-minus-wrong score margin."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = TokenLogProbs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4096)
     rows = _aft_rows(AutoTokenizer.from_pretrained(tiny_model_dir))[:4]
     objective = AFTObjective("dc", weight=weight)
     batch = [objective.read(r, 128) for r in rows]

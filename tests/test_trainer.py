@@ -72,13 +72,13 @@ def _changed(start: Path, trained: str) -> bool:
 
 def _sft_loss(model_dir: Path | str, data: Path) -> float:
     """Mean SFT loss of a model on a Parquet file of SFT rows (to check an export holds the trained weights)."""
-    from raypipe.train.losses import sft_loss
+    from raypipe.train.losses import sft_loss, token_logps
 
     df = pd.read_parquet(data)
     ids, attn, mask = pad_sequences([list(r) for r in df["input_ids"]], [list(r) for r in df["loss_mask"]], 0)
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids, attention_mask=attn).logits
-    return float(sft_loss(logits, ids, mask))
+    return float(sft_loss(token_logps(logits, ids), mask))
 
 
 def _log_lines(path: Path) -> list[dict]:
@@ -175,6 +175,22 @@ def test_killed_training_resumes_from_its_last_checkpoint(sft_zero2: dict, tmp_p
     assert all(torch.allclose(mine[k], theirs[k], atol=1e-5) for k in theirs), "the uninterrupted run's weights"
 
 
+def test_micro_batches_checkpointing_chunks_packing_and_offload_train_like_one_batch(sft_zero2: dict,
+                                                                           tmp_path: Path) -> None:
+    """`sft_zero2`'s job in micro-batches of 4 (4 forward/backwards per step), with gradient checkpointing,
+    16-token log-prob chunks, packed rows and the Adam states offloaded: the same steps, tokens and per-step
+    log, the same first loss, and losses that stay within rounding of the one-batch run's."""
+    job = replace(sft_zero2["job"], output_dir=str(tmp_path / "out"), log_path=str(tmp_path / "log.jsonl"))
+    result = run_training(job, TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1, micro_batch_size=4,
+                                           gradient_checkpointing=True, logits_chunk_tokens=16,
+                                           offload_optimizer=True, packing=True))
+    mine, theirs = _log_lines(tmp_path / "log.jsonl"), _log_lines(Path(sft_zero2["job"].log_path))
+    assert result.steps == 8 and [line["step"] for line in mine] == list(range(1, 9))
+    assert result.tokens == sft_zero2["result"].tokens
+    assert mine[0]["loss"] == pytest.approx(theirs[0]["loss"], rel=1e-5), "step 1: same weights, same loss"
+    assert [line["loss"] for line in mine] == pytest.approx([line["loss"] for line in theirs], rel=2e-3)
+
+
 def test_dpo_starts_at_log2_with_precomputed_reference(ray_cluster, tiny_model_dir: Path, splits,
                                                        tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -208,7 +224,9 @@ def test_zero3_two_workers_stops_at_first_dev_eval(ray_cluster, tiny_model_dir: 
     job = TrainJob(objective=SFTObjective(), model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "out"),
                    data_path=str(data), optim=OptimConfig(lr=3e-3, warmup_steps=0, batch_size=16), epochs=10,
                    max_steps=6, dev_eval=dev, log_path=str(tmp_path / "log.jsonl"))
-    result = run_training(job, TrainConfig(num_workers=2, cpus_per_worker=1, zero_stage=3, log_every_steps=1))
+    # micro-batches and log-prob chunks small enough that the ranks call the output layer unequally often
+    result = run_training(job, TrainConfig(num_workers=2, cpus_per_worker=1, zero_stage=3, log_every_steps=1,
+                                           micro_batch_size=4, logits_chunk_tokens=16))
     assert result.stop_reason == "target" and result.steps == 2
     assert result.dropped == {"shard_equalise": 1}, "31 rows on each of the 2 ranks"
     assert [r["step"] for r in result.dev_history] == [2] and result.dev_history[0]["accuracy"] >= 0.0

@@ -46,3 +46,22 @@ def pad_sequences(
         attention[row, :n] = 1
         loss_mask[row, :n] = torch.as_tensor(mask, dtype=torch.long)
     return input_ids, attention, loss_mask
+
+
+def pack_lines(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Rows (by index) grouped into lines of at most `width` tokens, first fit by decreasing length: with
+    `width` the longest row's length, the packed batch is never wider than the padded one and has fewer
+    rows."""
+    if any(n > width for n in lengths):
+        raise ValueError(f"a row is longer than the line width {width}")
+    lines: list[list[int]] = []
+    room: list[int] = []
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        line = next((k for k, free in enumerate(room) if free >= lengths[row]), None)
+        if line is None:
+            lines.append([])
+            room.append(width)
+            line = len(lines) - 1
+        lines[line].append(row)
+        room[line] -= lengths[row]
+    return lines

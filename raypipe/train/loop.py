@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from raypipe.train.logprobs import load_policy
+
 if TYPE_CHECKING:
     from raypipe.config import OptimConfig, TrainConfig
     from raypipe.train.trainer import DevEval, TrainJob
@@ -51,16 +53,28 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def micro_batches(per_rank: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(rows per forward/backward, forward/backwards per optimiser step) for a per-rank batch of `per_rank`
+    rows."""
+    micro = min(cfg.micro_batch_size or per_rank, per_rank)
+    return micro, math.ceil(per_rank / micro)
+
+
 def build_ds_config(optim: OptimConfig, cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """DeepSpeed config: torch's AdamW (no JIT-built kernels, so it runs on CPU), the chosen ZeRO stage."""
-    micro = optim.batch_size // world_size
+    """DeepSpeed config: torch's AdamW (no JIT-built kernels, so it runs on CPU), the chosen ZeRO stage,
+    optionally with the optimiser states offloaded to CPU (torch's AdamW there too: `torch_adam` keeps
+    DeepSpeed from building its CPU Adam kernel). Losses arrive already divided by the whole batch's counts
+    (`_train_step`), so DeepSpeed's own division by gradient_accumulation_steps is switched off there."""
+    micro, steps = micro_batches(optim.batch_size // world_size, cfg)
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro * world_size,
+        "gradient_accumulation_steps": steps,
+        "train_batch_size": micro * steps * world_size,
         "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "weight_decay": optim.weight_decay,
                                                   "torch_adam": True}},
         "gradient_clipping": optim.max_grad_norm,
@@ -90,7 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     job: TrainJob = config["job"]
     cfg: TrainConfig = config["train"]
@@ -112,8 +126,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if n_rows == 0:
         raise ValueError(f"rank {rank} received no training rows from {job.data_path}")
-    micro = job.optim.batch_size // world
-    planned = job.epochs * math.ceil(n_rows / micro)
+    per_rank = job.optim.batch_size // world
+    planned = job.epochs * math.ceil(n_rows / per_rank)
     total = min(planned, job.max_steps) if job.max_steps else planned
 
     ds_config = build_ds_config(job.optim, cfg, world)
@@ -121,11 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if zero3:  # the partitioned load (zero.Init) reads the world size from deepspeed.comm: join Ray Train's group
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     hf_zero3 = _hf_zero3_config(ds_config) if zero3 else None  # keep a reference: transformers holds a weakref
-    # safetensors only, and never a model folder's own code (engine.trust_remote_code covers generation only)
-    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=False)
-    if job.lora is not None and job.lora.rank:
-        model = _with_lora(model, job.lora)
+    model = load_policy(job.model_dir, cfg, job.lora, equal_calls=zero3 and world > 1)
     schedule = partial(lr_factor, warmup=job.optim.warmup_steps, total=total, min_ratio=job.optim.min_lr_ratio)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
@@ -137,8 +147,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = _restore(engine, checkpoint, rank, job.log_path) if checkpoint else {}
     resumed_from = state.get("step", 0)
     if rank == 0:
-        log.warning("%s: %d rows/rank x %d ranks, micro-batch %d, %d steps, ZeRO-%d%s; reading the shard took "
-                    "%.1f s, model + DeepSpeed engine %.1f s", job.kind, n_rows, world, micro, total, cfg.zero_stage,
+        log.warning("%s: %d rows/rank x %d ranks, batch %d (micro-batches of %d), %d steps, ZeRO-%d%s; "
+                    "reading the shard took %.1f s, model + DeepSpeed engine %.1f s", job.kind, n_rows, world,
+                    per_rank, ds_config["train_micro_batch_size_per_gpu"], total, cfg.zero_stage,
                     f", resumed at step {resumed_from}" if checkpoint else "", read_seconds,
                     time.perf_counter() - started - read_seconds)
 
@@ -146,7 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokens_total, train_seconds = state.get("tokens", 0), state.get("train_seconds", 0.0)
     step, stop_reason = resumed_from, "epochs"
     generator = torch.Generator().manual_seed(job.seed * 1000 + rank)
-    batches = itertools.islice(_batches(rows, n_rows, micro, job.epochs, generator), resumed_from, None)
+    batches = itertools.islice(_batches(rows, n_rows, per_rank, job.epochs, generator), resumed_from, None)
     mark = time.perf_counter()  # train time = loop wall time minus dev evaluation (logging included)
     for step, batch in enumerate(batches, start=resumed_from + 1):
         lr = engine.lr_scheduler.get_last_lr()[0]
@@ -158,8 +169,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                         tokens_total, train_seconds)
             interval = _Interval()
         if job.dev_eval is not None and step % job.dev_eval.every_steps == 0:
-            dev_history.append(_evaluate(engine.module, tokenizer, job.dev_eval, step, device, rank, world,
-                                         synced=zero3 and world > 1))
+            dev_history.append(_evaluate(engine.module.model, tokenizer, job.dev_eval, step, device, rank,
+                                         world, synced=zero3 and world > 1))
             mark = time.perf_counter()
             reason = job.dev_eval.should_stop([r["accuracy"] for r in dev_history])
             if reason is not None:
@@ -259,24 +270,43 @@ def _read_rows(job: TrainJob, rank: int, world: int) -> tuple[list[tuple], int]:
     return [job.objective.read(r, job.max_length) for r in mine.to_pylist()], table.num_rows
 
 
-def _batches(rows: list[tuple], n_rows: int, micro: int, epochs: int,
+def _batches(rows: list[tuple], n_rows: int, per_rank: int, epochs: int,
              generator: torch.Generator) -> Iterator[list[tuple]]:
-    """Micro-batches of a fresh seeded permutation per epoch; only `n_rows` rows each, so ranks stay in step."""
+    """Per-rank batches of a fresh seeded permutation per epoch; only `n_rows` rows each, so ranks stay in
+    step."""
     for _ in range(epochs):
         order = torch.randperm(len(rows), generator=generator)[:n_rows].tolist()
-        for i in range(0, n_rows, micro):
-            yield [rows[j] for j in order[i:i + micro]]
+        for i in range(0, n_rows, per_rank):
+            yield [rows[j] for j in order[i:i + per_rank]]
 
 
 def _train_step(engine: Any, job: TrainJob, batch: list[tuple], pad_id: int, acc: _Interval) -> None:
-    """One optimiser step on one micro-batch of the objective's rows."""
-    loss, stats = job.objective.step(engine, batch, pad_id)
-    engine.backward(loss)
+    """One optimiser step on one batch of the objective's rows, in micro-batches of DeepSpeed's micro-batch
+    size.
+
+    Each micro-batch's loss is already divided by the whole batch's counts (`Objective.totals`), so the summed
+    gradients are the whole batch's: backward does not divide by gradient_accumulation_steps again, and the
+    boundary is set by hand, since an epoch's last batch may have fewer micro-batches than the config says.
+    Scalar statistics add up over the micro-batches, vectors are concatenated: the log stays per optimiser
+    step.
+    """
+    micro = engine.train_micro_batch_size_per_gpu()
+    totals = job.objective.totals(batch)
+    parts = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+    step_loss, step_stats = 0.0, {}
+    for k, part in enumerate(parts):
+        engine.set_gradient_accumulation_boundary(k == len(parts) - 1)
+        loss, stats = job.objective.step(engine, part, pad_id, totals)
+        engine.backward(loss, scale_wrt_gas=False)
+        step_loss = step_loss + loss.detach().float()
+        for key, value in stats.items():
+            step_stats[key] = value if key not in step_stats else (
+                step_stats[key] + value if value.dim() == 0 else torch.cat([step_stats[key], value]))
     engine.step()
     acc.steps += 1
     acc.tokens += sum(job.objective.tokens(r) for r in batch)
-    acc.loss = acc.loss + loss.detach().float()
-    for key, value in stats.items():
+    acc.loss = acc.loss + step_loss
+    for key, value in step_stats.items():
         acc.stats.setdefault(key, []).append(value)
 
 
@@ -338,24 +368,16 @@ def _evaluate(model: Any, tokenizer: Any, dev: DevEval, step: int, device: torch
     return {"step": step, "accuracy": accuracy, "seconds": time.perf_counter() - start}
 
 
-def _with_lora(model: Any, lora: Any) -> Any:
-    """The model with trainable low-rank adapters (peft) and every base weight frozen."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = lora.target_modules if lora.target_modules == "all-linear" else [
-        m.strip() for m in lora.target_modules.split(",") if m.strip()]
-    return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=targets, task_type="CAUSAL_LM"))
-
-
 def _export(engine: Any, job: TrainJob, zero3: bool, rank: int, summary: dict[str, Any]) -> None:
     """Rank 0 writes a normal HF directory plus SUMMARY_FILE (ZeRO-3 first gathers the weights on every rank;
     LoRA adapters are merged into the base weights, so the next round's engines load a plain checkpoint)."""
     state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    if state is not None:  # keys of the TokenLogProbs wrapper: the HF model's own are under `model.`
+        state = {k.removeprefix("model."): v for k, v in state.items()}
     if rank == 0:
         out = Path(job.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        module = engine.module
+        module = engine.module.model
         if job.lora is not None and job.lora.rank:
             module = module.merge_and_unload()
         module.save_pretrained(out, state_dict=state)

@@ -19,26 +19,29 @@ def _upcast(logits: Tensor) -> Tensor:
 
 
 def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """Log-prob of each next token, (B, T-1). log_softmax + gather: fine for small vocabularies; large ones
-    (150k) would want a chunked logsumexp to avoid a second (B, T, V) tensor."""
+    """Log-prob of each next token from full logits, (B, T-1): the plain path (raypipe.train.logprobs computes
+    the same values chunk by chunk without the (B, T, V) log-softmax)."""
     logp = torch.log_softmax(_upcast(logits[:, :-1]), dim=-1)
     return torch.gather(logp, 2, labels[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor, average: bool = False) -> Tensor:
-    """Sum (or mean, AFT's score) of the masked tokens' log-probs per row, (B,). A row with no scored token gives 0."""
-    logps = token_logps(logits, labels)
+def sequence_logps(logps: Tensor, loss_mask: Tensor, average: bool = False) -> Tensor:
+    """Sum (or mean, AFT's score) of the masked tokens' log-probs per row, (B,). `logps` (B, T-1) are the
+    log-probs of labels[:, 1:] (`token_logps`). A row with no scored token gives 0."""
     mask = loss_mask[:, 1:].to(logps.dtype)
     total = (logps * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
 
-def sft_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
-    """Token-level mean negative log-likelihood over every scored token of the batch."""
-    shifted = _upcast(logits[:, :-1])
-    mask = loss_mask[:, 1:].to(shifted.dtype)
-    nll = F.cross_entropy(shifted.transpose(1, 2), labels[:, 1:], reduction="none")
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
+def sft_loss(logps: Tensor, loss_mask: Tensor, normaliser: float | None = None) -> Tensor:
+    """Token-level mean negative log-likelihood over every scored token of the batch.
+
+    `normaliser` replaces the batch's scored-token count: a micro-batch of a larger batch divides by the whole
+    batch's count, so the micro-batches' losses (and gradients) add up to the whole batch's.
+    """
+    mask = loss_mask[:, 1:].to(logps.dtype)
+    count = mask.sum().clamp(min=1) if normaliser is None else max(normaliser, 1)
+    return -(logps * mask).sum() / count
 
 
 def _log_ratios(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
@@ -48,25 +51,34 @@ def _log_ratios(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_
             policy_rejected_logps - ref_rejected_logps.detach())
 
 
+def _mean(values: Tensor, normaliser: float | None) -> Tensor:
+    """The mean, or the sum over `normaliser` (a micro-batch's share of a larger batch's mean)."""
+    return values.mean() if normaliser is None else values.sum() / max(normaliser, 1)
+
+
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+             ref_rejected_logps: Tensor, beta: float,
+             normaliser: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Sigmoid DPO (Rafailov et al. 2023): mean of -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)).
 
     Returns (loss, chosen_rewards, rejected_rewards); the rewards are beta * log-ratio per pair, detached.
+    `normaliser`: divide the sum by the whole batch's pair count instead (micro-batches).
     """
     chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    loss = -F.logsigmoid(beta * (chosen - rejected)).mean()
+    loss = _mean(-F.logsigmoid(beta * (chosen - rejected)), normaliser)
     return loss, beta * chosen.detach(), beta * rejected.detach()
 
 
 def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+             ref_rejected_logps: Tensor, beta: float,
+             normaliser: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """IPO (Azar et al. 2023): mean of (log-ratio difference - 1/(2 beta))^2, a bounded target margin.
 
     TRL feeds IPO token-averaged log-probs; this takes whatever the caller passes (sum or mean).
+    `normaliser`: as in `dpo_loss`.
     """
     chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    loss = ((chosen - rejected - 1 / (2 * beta)) ** 2).mean()
+    loss = _mean((chosen - rejected - 1 / (2 * beta)) ** 2, normaliser)
     return loss, beta * chosen.detach(), beta * rejected.detach()
 
 
@@ -76,7 +88,7 @@ alignment loss, for ablations only: it drives negative scores down without bound
 
 
 def aft_loss(scores: Tensor, is_positive: Tensor, group_ids: Tensor, constraint: str, beta: float,
-             ranks: Tensor | None = None) -> Tensor:
+             ranks: Tensor | None = None, normaliser: float | None = None) -> Tensor:
     """AFT's constrained alignment loss (Wang et al. 2023), the mean over groups that have something to rank.
 
     `scores` (N,) are token-averaged log-likelihoods of N candidates, `group_ids` (N,) says which question each
@@ -91,7 +103,8 @@ def aft_loss(scores: Tensor, is_positive: Tensor, group_ids: Tensor, constraint:
 
     For bc the stationary point of each negative is exactly B: above it the first term pushes it down, below it
     the second pushes it back up. Groups with no positive or no negative (no two rank levels for `rank`) give
-    nothing; with no such group the loss is 0 (still attached to `scores`, so backward works).
+    nothing; with no such group the loss is 0 (still attached to `scores`, so backward works). `normaliser`
+    replaces the count of such groups (a micro-batch divides by the whole batch's count).
     """
     if constraint not in AFT_CONSTRAINTS:
         raise ValueError(f"unknown AFT constraint {constraint!r}; expected one of {AFT_CONSTRAINTS}")
@@ -109,7 +122,12 @@ def aft_loss(scores: Tensor, is_positive: Tensor, group_ids: Tensor, constraint:
         per_group.append(_group_alignment(s, above, constraint, beta))
     if not per_group:
         return scores.sum() * 0.0
-    return torch.stack(per_group).mean()
+    return _mean(torch.stack(per_group), normaliser)
+
+
+def rankable(levels: list[int] | list[bool]) -> bool:
+    """Whether a group's candidates have two distinct levels, so `aft_loss` has a term for it."""
+    return len(set(levels)) > 1
 
 
 def _group_alignment(s: Tensor, above: Tensor, constraint: str, beta: float) -> Tensor:

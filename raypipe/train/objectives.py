@@ -4,6 +4,11 @@ The Ray Train loop (loop.py) is generic: it reads rows through `Objective.read`,
 loss and its statistics, and averages the statistics over a log interval with `Objective.summarise`. Each
 objective is a small picklable dataclass, so it travels to the workers inside the `TrainJob`.
 
+A batch may be split into micro-batches (gradient accumulation). `Objective.totals(batch)` counts what the
+whole batch's loss averages over (scored tokens, pairs, rankable groups), and `step` divides each
+micro-batch's sums by those counts, so the micro-batches' losses, gradients and scalar statistics add up to
+the whole batch's.
+
     sft          input_ids, loss_mask                                    token-mean NLL
     preference   chosen_/rejected_ ids and masks, ref_*_logps            sigmoid DPO or IPO (+ optional NLL)
     aft          sft_ids/sft_mask + candidates (ids, masks, positive,    L_VFT + weight * L_CA
@@ -20,22 +25,31 @@ import torch
 from torch import Tensor
 
 from raypipe.train.collate import pad_sequences, truncate_left
-from raypipe.train.losses import (AFT_CONSTRAINTS, aft_loss, dpo_loss, ipo_loss, preference_metrics,
+from raypipe.train.losses import (AFT_CONSTRAINTS, aft_loss, dpo_loss, ipo_loss, preference_metrics, rankable,
                                   sequence_logps, sft_loss)
 
 Row = tuple
 Stats = dict[str, Tensor]
-"""Per-step statistics: detached scalars (averaged over the interval) or vectors (concatenated)."""
+"""Per-micro-batch statistics: detached scalars (summed over a step's micro-batches, averaged over the
+interval) or vectors (concatenated)."""
+Totals = dict[str, int]
+"""What a whole batch's loss terms average over (`Objective.totals`)."""
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo")
 
 
 def _forward(engine: Any, seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
-             pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One padded forward pass: (logits, input_ids, loss_mask) on the engine's device."""
+             pad_id: int) -> tuple[Tensor, Tensor]:
+    """One padded forward pass of a `TokenLogProbs` (or the engine wrapping one): (token log-probs (B, T-1),
+    loss_mask (B, T)) on its device."""
     ids, attn, mask = pad_sequences(seqs, masks, pad_id)
     ids, attn, mask = ids.to(engine.device), attn.to(engine.device), mask.to(engine.device)
-    return engine(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids, mask
+    return engine(input_ids=ids, attention_mask=attn, loss_mask=mask), mask
+
+
+def _scored(mask: Sequence[int]) -> int:
+    """Tokens a row's loss scores (position 0 predicts nothing)."""
+    return sum(mask[1:])
 
 
 @dataclass
@@ -50,9 +64,15 @@ class SFTObjective:
     def tokens(self, row: Row) -> int:
         return len(row[0])
 
-    def step(self, engine: Any, batch: list[Row], pad_id: int) -> tuple[Tensor, Stats]:
-        logits, ids, mask = _forward(engine, [r[0] for r in batch], [r[1] for r in batch], pad_id)
-        return sft_loss(logits, ids, mask), {}
+    def totals(self, batch: list[Row]) -> Totals:
+        return {"tokens": sum(_scored(r[1]) for r in batch)}
+
+    def step(self, engine: Any, batch: list[Row], pad_id: int,
+             totals: Totals | None = None) -> tuple[Tensor, Stats]:
+        """The loss of `batch`, a micro-batch of the batch `totals` counts (default: `batch` itself)."""
+        totals = self.totals(batch) if totals is None else totals
+        logps, mask = _forward(engine, [r[0] for r in batch], [r[1] for r in batch], pad_id)
+        return sft_loss(logps, mask, totals["tokens"]), {}
 
     def summarise(self, stats: dict[str, list[Tensor]]) -> dict[str, float]:
         return {}
@@ -85,20 +105,28 @@ class PreferenceObjective:
     def tokens(self, row: Row) -> int:
         return len(row[0]) + len(row[2])
 
-    def step(self, engine: Any, batch: list[Row], pad_id: int) -> tuple[Tensor, Stats]:
+    def totals(self, batch: list[Row]) -> Totals:
+        return {"pairs": len(batch), "chosen_tokens": sum(_scored(r[1]) for r in batch)}
+
+    def step(self, engine: Any, batch: list[Row], pad_id: int,
+             totals: Totals | None = None) -> tuple[Tensor, Stats]:
+        """The loss of `batch`, a micro-batch of the batch `totals` counts (default: `batch` itself)."""
+        totals = self.totals(batch) if totals is None else totals
         n = len(batch)
-        logits, ids, mask = _forward(engine, [r[0] for r in batch] + [r[2] for r in batch],
+        token_logps, mask = _forward(engine, [r[0] for r in batch] + [r[2] for r in batch],
                                      [r[1] for r in batch] + [r[3] for r in batch], pad_id)
-        logps = sequence_logps(logits, ids, mask)
+        logps = sequence_logps(token_logps, mask)
         ref = torch.tensor([[r[4], r[5]] for r in batch], dtype=logps.dtype, device=logps.device)
         if self.loss_type == "ipo":
             counts = mask[:, 1:].sum(-1).clamp(min=1).to(logps.dtype)
             logps, ref = logps / counts, ref / torch.stack([counts[:n], counts[n:]], dim=1)
-            loss, chosen, rejected = ipo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], self.beta)
+            loss, chosen, rejected = ipo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], self.beta,
+                                              totals["pairs"])
         else:
-            loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], self.beta)
+            loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], self.beta,
+                                              totals["pairs"])
         if self.nll_weight > 0:
-            loss = loss + self.nll_weight * sft_loss(logits[:n], ids[:n], mask[:n])
+            loss = loss + self.nll_weight * sft_loss(token_logps[:n], mask[:n], totals["chosen_tokens"])
         return loss, {"chosen": chosen.detach(), "rejected": rejected.detach()}
 
     def summarise(self, stats: dict[str, list[Tensor]]) -> dict[str, float]:
@@ -132,23 +160,39 @@ class AFTObjective:
     def tokens(self, row: Row) -> int:
         return len(row[0]) + sum(len(c[0]) for c in row[2])
 
-    def step(self, engine: Any, batch: list[Row], pad_id: int) -> tuple[Tensor, Stats]:
+    def totals(self, batch: list[Row]) -> Totals:
+        """NLL tokens (L_VFT's chains, and the positives' with `mle_on_positives`), groups the constraint can
+        rank, groups with a positive and a negative (the unconstrained loss's), and (positive, negative)
+        pairs."""
+        nll = sum(_scored(r[1]) for r in batch)
+        if self.mle_on_positives:
+            nll += sum(_scored(c[1]) for r in batch for c, p in zip(r[2], r[3]) if p)
+        return {"nll_tokens": nll,
+                "groups": sum(rankable(r[4] if self.constraint == "rank" else r[3]) for r in batch),
+                "mixed_groups": sum(rankable(r[3]) for r in batch),
+                "pairs": sum(sum(r[3]) * (len(r[3]) - sum(r[3])) for r in batch)}
+
+    def step(self, engine: Any, batch: list[Row], pad_id: int,
+             totals: Totals | None = None) -> tuple[Tensor, Stats]:
+        """The loss of `batch`, a micro-batch of the batch `totals` counts (default: `batch` itself)."""
+        totals = self.totals(batch) if totals is None else totals
         cands = [(c, pos, rank, g) for g, r in enumerate(batch) for c, pos, rank in zip(r[2], r[3], r[4])]
         seqs = [r[0] for r in batch] + [c[0] for c, *_ in cands]
         masks = [r[1] for r in batch] + [c[1] for c, *_ in cands]
-        logits, ids, mask = _forward(engine, seqs, masks, pad_id)
+        logps, mask = _forward(engine, seqs, masks, pad_id)
         n = len(batch)
-        device = logits.device
+        device = logps.device
         positive = torch.tensor([pos for _, pos, _, _ in cands], dtype=torch.bool, device=device)
         ranks = torch.tensor([rank for _, _, rank, _ in cands], dtype=torch.long, device=device)
         groups = torch.tensor([g for *_, g in cands], dtype=torch.long, device=device)
-        scores = sequence_logps(logits[n:], ids[n:], mask[n:], average=True)
+        scores = sequence_logps(logps[n:], mask[n:], average=True)
         nll_rows = torch.cat([torch.ones(n, dtype=torch.bool, device=device),
                               positive if self.mle_on_positives else torch.zeros_like(positive)])
-        vft = sft_loss(logits[nll_rows], ids[nll_rows], mask[nll_rows])
-        alignment = aft_loss(scores, positive, groups, self.constraint, self.beta, ranks)
-        unconstrained = aft_loss(scores.detach(), positive, groups, "none", self.beta)
-        accuracy, margin = _pair_statistics(scores.detach(), positive, groups)
+        vft = sft_loss(logps[nll_rows], mask[nll_rows], totals["nll_tokens"])
+        alignment = aft_loss(scores, positive, groups, self.constraint, self.beta, ranks, totals["groups"])
+        unconstrained = aft_loss(scores.detach(), positive, groups, "none", self.beta,
+                                 normaliser=totals["mixed_groups"])
+        accuracy, margin = _pair_statistics(scores.detach(), positive, groups, totals["pairs"])
         stats = {"aft/vft": vft.detach(), "aft/alignment": unconstrained, "aft/constrained": alignment.detach(),
                  "aft/pair_accuracy": accuracy, "aft/pair_margin": margin}
         return vft + self.weight * alignment, stats
@@ -157,12 +201,13 @@ class AFTObjective:
         return {k: torch.stack(v).mean().item() for k, v in stats.items() if v}
 
 
-def _pair_statistics(scores: Tensor, positive: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+def _pair_statistics(scores: Tensor, positive: Tensor, groups: Tensor, total: int) -> tuple[Tensor, Tensor]:
     """Over same-question (positive, negative) pairs: the share where the positive scores higher (AFT's
-    assessment accuracy) and the mean score margin. Both 0 when the batch has no such pair (never NaN: every
-    rank must report the same keys with finite values for the all-reduce)."""
+    assessment accuracy) and the mean score margin, both divided by the batch's `total` pair count. Both 0
+    when the batch has no such pair (never NaN: every rank must report the same keys with finite values for
+    the all-reduce)."""
     pairs = (groups[:, None] == groups[None, :]) & positive[:, None] & ~positive[None, :]
-    count = pairs.sum().clamp(min=1)
+    count = max(total, 1)
     gap = scores[:, None] - scores[None, :]
     return (pairs & (gap > 0)).sum() / count, (gap * pairs).sum() / count
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe.config import OptimConfig, TrainConfig, WarmupConfig
+from raypipe.config import OptimConfig, TrainConfig, WarmupConfig, validate_train
 from raypipe.train.objectives import Objective
 from raypipe.update_config import LoRAConfig
 
@@ -150,6 +150,7 @@ def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"batch_size {job.optim.batch_size} is not divisible by {cfg.num_workers} workers")
     if cfg.checkpoint_every_steps < 0:
         raise ValueError(f"checkpoint_every_steps must be >= 0, got {cfg.checkpoint_every_steps}")
+    validate_train(cfg)
     start = time.perf_counter()
     # The controller polls its workers this often (Ray's default 2 s): a stage's end waited up to a whole poll.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
