@@ -1,12 +1,13 @@
 """DPO throughput: raypipe's DPO update against TRL 1.16's `DPOTrainer` on the same step-level pairs.
 
-Five contenders train the embedded tiny model (random init, fp32) on the same Step-DPO-shaped pairs (prompt +
+Six contenders train the embedded tiny model (random init, fp32) on the same Step-DPO-shaped pairs (prompt +
 correct steps so far, correct next step as chosen, that step with a wrong result as rejected; no EOS) with the same
 batch size, steps, optimiser settings and sigmoid loss (beta 0.1). Each runs in a fresh process of its own:
 
     trl-live           TRL `DPOTrainer`, reference model forward every step (TRL's default)
     trl-precomputed    TRL `DPOTrainer(precompute_ref_log_probs=True)`
     raypipe            `run_training` (Ray Train + DeepSpeed ZeRO-2, 1 worker) on the reference stage's Parquet
+    raypipe-packed     the same with `train.packing`: each batch's sequences packed into rows, not padded
     plain-precomputed  raypipe's `PreferenceObjective` in a single-process torch loop, reference precomputed
     plain-live         the same loop with a frozen reference model's forward every step: what a live reference costs
 
@@ -42,13 +43,14 @@ from benchmarks.dpo_inputs import Pair, Settings, build_inputs
 from raypipe.config import TrainConfig
 from raypipe.train.collate import pad_sequences
 from raypipe.train.loop import lr_factor
-from raypipe.train.losses import sequence_logps
+from raypipe.train.logprobs import TokenLogProbs
+from raypipe.train.losses import sequence_logps, token_logps
 from raypipe.train.objectives import PreferenceObjective
 
 TRL_VERSION = "1.16.0"
 TRL_DIR = Path(__file__).resolve().parent / ".deps"
 """TRL lives here, outside .venv and the project's dependencies: the benchmark's peer, not something raypipe uses."""
-CONTENDERS = ("trl-live", "trl-precomputed", "raypipe", "plain-precomputed", "plain-live")
+CONTENDERS = ("trl-live", "trl-precomputed", "raypipe", "raypipe-packed", "plain-precomputed", "plain-live")
 
 
 def peak_rss_mib() -> float:
@@ -142,7 +144,8 @@ def _reference_logps(model: Any, batch: list[Pair]) -> list[tuple[float, float]]
     ids, attn, mask = pad_sequences([r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows],
                                     [r["chosen_mask"] for r in rows] + [r["rejected_mask"] for r in rows], pad_id=0)
     with torch.inference_mode():
-        logps = sequence_logps(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids, mask).tolist()
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        logps = sequence_logps(token_logps(logits, ids), mask).tolist()
     return list(zip(logps[:len(batch)], logps[len(batch):]))
 
 
@@ -162,6 +165,7 @@ def plain_run(model_dir: Path, pairs: list[Pair], s: Settings, live: bool) -> di
     if not live:
         del reference  # what precomputing buys: training holds one model
     setup = time.perf_counter() - start
+    scorer = TokenLogProbs(policy, TrainConfig.logits_chunk_tokens)  # raypipe's log-prob path, as its trainer
     opt = torch.optim.AdamW(policy.parameters(), lr=s.optim.lr, weight_decay=s.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=s.optim.warmup_steps, total=s.steps,
                                                            min_ratio=s.optim.min_lr_ratio))
@@ -177,7 +181,7 @@ def plain_run(model_dir: Path, pairs: list[Pair], s: Settings, live: bool) -> di
         if live:
             live_refs = _reference_logps(reference, [pairs[j] for j in picked])
             batch = [(*row[:4], c, r) for row, (c, r) in zip(batch, live_refs)]
-        loss, _ = objective.step(policy, batch, pad_id=0)
+        loss, _ = objective.step(scorer, batch, pad_id=0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), s.optim.max_grad_norm)
         opt.step()
@@ -198,8 +202,9 @@ class MeasuredPreference(PreferenceObjective):
     """raypipe's preference objective, unchanged, plus what only the Ray worker can see: each step's padded
     tokens, the worker process's CPU seconds so far and its own peak RSS, logged with the other metrics."""
 
-    def step(self, engine: Any, batch: list[tuple], pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, stats = super().step(engine, batch, pad_id)
+    def step(self, engine: Any, batch: list[tuple], pad_id: int,
+             totals: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, stats = super().step(engine, batch, pad_id, totals)
         width = max(max(len(r[0]), len(r[2])) for r in batch)
         return loss, {**stats, "padded_tokens": torch.tensor(2.0 * len(batch) * width)}
 
@@ -209,8 +214,9 @@ class MeasuredPreference(PreferenceObjective):
                 "cpu_seconds": time.process_time(), "peak_rss_mib": peak_rss_mib()}
 
 
-def raypipe_run(model_dir: Path, pairs: list[Pair], s: Settings, out: str) -> dict[str, Any]:
-    """The pipeline's path: the reference stage (Ray Data) writes ref log-probs, then `run_training`."""
+def raypipe_run(model_dir: Path, pairs: list[Pair], s: Settings, out: str, packing: bool = False) -> dict[str, Any]:
+    """The pipeline's path: the reference stage (Ray Data) writes ref log-probs, then `run_training` (with
+    `train.packing` when `packing`: each batch's sequences packed side by side instead of padded)."""
     import ray
 
     from raypipe.train.reference import add_reference_logps
@@ -232,7 +238,7 @@ def raypipe_run(model_dir: Path, pairs: list[Pair], s: Settings, out: str) -> di
                    output_dir=str(root / "trained"), data_path=str(root / "reference"), optim=s.optim,
                    epochs=10**6, max_steps=s.steps, max_length=s.max_length, log_path=str(log_path))
     result = run_training(job, TrainConfig(num_workers=1, cpus_per_worker=s.threads, zero_stage=2,
-                                           log_every_steps=s.warmup))
+                                           log_every_steps=s.warmup, packing=packing))
     ray.shutdown()
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     first, last = next(x for x in lines if x["step"] == s.warmup), lines[-1]
@@ -262,6 +268,7 @@ def run_contender(name: str, model_dir: Path, pairs: list[Pair], s: Settings, ni
         "trl-live": partial(trl_run, precompute=False, out=str(out)),
         "trl-precomputed": partial(trl_run, precompute=True, out=str(out)),
         "raypipe": partial(raypipe_run, out=str(out)),
+        "raypipe-packed": partial(raypipe_run, out=str(out), packing=True),
         "plain-precomputed": partial(plain_run, live=False),
         "plain-live": partial(plain_run, live=True),
     }[name]
@@ -283,11 +290,14 @@ def _report(results: dict[str, dict[str, Any]], s: Settings) -> None:
           "depends little on other jobs; peak RSS: VmHWM of the process that trains (for raypipe the Ray Train "
           "worker; Ray's daemons and driver are not counted); start-up: model load and TRL's trainer set-up (its "
           "reference pass when precomputing), raypipe's Ray Train + DeepSpeed start-up and export.")
-    if "raypipe" in results:
-        r = results["raypipe"]
-        print(f"raypipe also spent: ray.init {r['ray_init_s']:.1f} s, reference stage (Ray Data) "
+    for name in ("raypipe", "raypipe-packed"):
+        if name not in results:
+            continue
+        r = results[name]
+        print(f"{name} also spent: ray.init {r['ray_init_s']:.1f} s, reference stage (Ray Data) "
               f"{r['reference_s']:.1f} s")
-    pairs = [("raypipe", "trl-live"), ("raypipe", "trl-precomputed"), ("plain-live", "trl-live"),
+    pairs = [("raypipe", "trl-live"), ("raypipe", "trl-precomputed"), ("raypipe-packed", "trl-precomputed"),
+             ("raypipe-packed", "raypipe"), ("plain-live", "trl-live"),
              ("plain-precomputed", "trl-precomputed"), ("raypipe", "plain-precomputed"),
              ("plain-precomputed", "plain-live"), ("trl-precomputed", "trl-live")]
     for a, b in pairs:
