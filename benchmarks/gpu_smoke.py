@@ -44,7 +44,7 @@ def build_model(out: Path, corpus: list[str], shape: dict[str, Any], seed: int =
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from raypipe.data.tiny_model import build_tokenizer
+    from raypipe.data.tiny_model import build_tokenizer, save_model_dir
 
     tokenizer = build_tokenizer(corpus)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -58,13 +58,7 @@ def build_model(out: Path, corpus: list[str], shape: dict[str, Any], seed: int =
     config = LlamaConfig(**shape, bos_token_id=padded.eos_token_id, eos_token_id=padded.eos_token_id,
                          pad_token_id=padded.pad_token_id, torch_dtype="bfloat16")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config.pad_token_id = padded.pad_token_id
-    model.generation_config.eos_token_id = padded.eos_token_id
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    padded.save_pretrained(out)
-    return out
+    return save_model_dir(LlamaForCausalLM(config).to(torch.bfloat16), padded, out)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from raypipe.config import ModelConfig
 from raypipe.data.steps import COT_PREFILL
@@ -73,7 +73,12 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
 def save_tiny_model(cfg: ModelConfig, corpus: Iterable[str], out_dir: Path) -> Path:
     """Build tokenizer and model and save both as one HF directory; returns it."""
     tokenizer = build_tokenizer(corpus)
-    model = build_tiny_model(cfg, tokenizer)
+    return save_model_dir(build_tiny_model(cfg, tokenizer), tokenizer, out_dir)
+
+
+def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> Path:
+    """A model and its tokenizer as one HF directory (safetensors), generation padding and stopping at the
+    tokenizer's own pad and end-of-sequence tokens; returns it."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     out_dir.mkdir(parents=True, exist_ok=True)
