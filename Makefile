@@ -24,6 +24,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# TRL is the DPO benchmark's peer, never a raypipe dependency: installed beside the benchmarks, not into .venv (its
+# runtime dependencies, transformers, accelerate and datasets, are already there).
+BENCH_DEPS := benchmarks/.deps/.installed
+$(BENCH_DEPS): $(STAMP)
+	$(PIP) install --quiet --no-deps --upgrade --target benchmarks/.deps trl==1.16.0
+	touch $(BENCH_DEPS)
+
 # Debian's chromium and its driver, for the demo page's browser test. Best effort: where apt-get cannot run (no
 # root, no sudo, no registry) the test is skipped with that reason.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
@@ -35,22 +42,15 @@ browser:
 demo: setup
 	$(VENV)/bin/raypipe run conf/quickstart.yaml
 
-test: setup browser
+test: setup browser $(BENCH_DEPS)
 	$(PY) -m pytest -q -m "not slow" --timeout=900 --durations=15
 
 # the unit and property tier for development: no Ray, vLLM, Serve or training run (under 5 minutes on 2 cores)
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not integration" --timeout=300 --durations=10
 
-test-all: setup browser
+test-all: setup browser $(BENCH_DEPS)
 	$(PY) -m pytest -q --timeout=1800
-
-# TRL is the DPO benchmark's peer, never a raypipe dependency: installed beside the benchmarks, not into .venv (its
-# runtime dependencies, transformers, accelerate and datasets, are already there).
-BENCH_DEPS := benchmarks/.deps/.installed
-$(BENCH_DEPS): $(STAMP)
-	$(PIP) install --quiet --no-deps --upgrade --target benchmarks/.deps trl==1.16.0
-	touch $(BENCH_DEPS)
 
 bench: setup $(BENCH_DEPS)
 	$(PY) -m benchmarks all

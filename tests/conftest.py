@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.dpo_vs_trl import TRL_DIR
 from raypipe.config import ModelConfig, TaskConfig
 from raypipe.data.synthetic import load_splits
 from raypipe.data.tiny_model import save_tiny_model
@@ -28,6 +29,12 @@ def shared_data(*parts: str) -> Path:
             pytest.fail(f"{path} is missing: CI must have ../shared/data beside the checkout")
         pytest.skip(f"{path} not present (../shared/data is needed beside the repo)")
     return path
+
+
+needs_trl = pytest.mark.skipif(not (TRL_DIR / "trl").is_dir(), reason="TRL is not in benchmarks/.deps (`make test` "
+                               "and `make bench` install it there)")
+"""TRL is never a raypipe dependency: the tests that load raypipe's output with it find it where the Makefile puts
+it."""
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from benchmarks.dpo_inputs import step_pairs
 from raypipe.config import TaskConfig
 from raypipe.data.synthetic import load_splits
 from raypipe.train.collate import pad_sequences
+from tests.conftest import needs_trl
 
 TINY = bench.Settings(batch_size=4, steps=12, warmup=2, threads=1, lr=3e-3)
 """One thread: on a busy machine two threads of small ops wait on each other far longer than they compute. Twelve
@@ -97,8 +98,6 @@ def test_reference_logps_match_the_policy_before_training(pairs: list[bench.Pair
     assert stats["chosen"].abs().max().item() < 1e-5
 
 
-needs_trl = pytest.mark.skipif(not (bench.TRL_DIR / "trl").is_dir(), reason="TRL is not in benchmarks/.deps "
-                               "(`make bench` installs it)")
 
 
 @needs_trl

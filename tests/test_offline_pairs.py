@@ -4,6 +4,7 @@ aside, only the compared tokens scored, and a Step-DPO round run from the file w
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from raypipe.data.rows import DataError
 from raypipe.data.steps import COT_PREFILL, format_prompt
 from raypipe.data.synthetic import generate_split
 from raypipe.tasks import make_task
+from benchmarks.dpo_vs_trl import import_trl
+from tests.conftest import needs_trl
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = make_task(TaskConfig(sft_problems=10, pool_questions=10, dev_problems=10, test_problems=10))
@@ -85,19 +88,27 @@ def test_trl_format_text_and_messages_end_with_eos(tiny_model_dir: Path, tmp_pat
         load_preference_pairs(broken, tok, TASK)
 
 
-def test_a_round_trains_on_an_existing_pairs_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def pairs_round(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One Step-DPO round on a Math-Step-DPO-10K file (the TRL format's loader is tested above; the round after
     it is the same)."""
-    import datasets
+    from raypipe.pipeline import Pipeline
 
-    from raypipe.pipeline import TRL_PAIRS_FILE, Pipeline
-
+    tmp_path = tmp_path_factory.mktemp("pairs_round")
     pairs = write_step_dpo_pairs(tmp_path / "pairs.jsonl", 32)
     method = "stepdpo"
     cfg = load_config(ROOT / "conf" / "quickstart_mini.yaml", [
         f"method={method}", f"task.pairs_path={pairs}", f"model.path={tiny_model_dir}", "warmup.max_steps=0",
         "round_steps=2", f"{method}.optim.batch_size=16", f"output_dir={tmp_path / 'runs'}", "wandb.mode=disabled"])
-    summary = Pipeline(cfg).run()
+    return {"cfg": cfg, "summary": Pipeline(cfg).run()}
+
+
+def test_a_round_trains_on_an_existing_pairs_file(pairs_round: dict) -> None:
+    import datasets
+
+    from raypipe.pipeline import TRL_PAIRS_FILE
+
+    cfg, summary = pairs_round["cfg"], pairs_round["summary"]
     round_1 = summary["rounds"][0]
     assert round_1["n_pairs"] == 32 and round_1["train_steps"] == 2
     assert "round_1/sample" not in summary["stages_executed"], "no sampling: the file is the training set"
@@ -109,3 +120,28 @@ def test_a_round_trains_on_an_existing_pairs_file(tiny_model_dir: Path, tmp_path
     trl = datasets.load_dataset("json", data_files=str(build / TRL_PAIRS_FILE))["train"]
     assert trl.column_names == ["prompt", "chosen", "rejected"] and trl.num_rows == 32
     assert all(isinstance(v, str) and v for row in trl for v in row.values())
+
+
+@needs_trl
+def test_trl_dpo_trainer_takes_the_exported_pairs_unchanged(pairs_round: dict, tiny_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """The round's pairs.trl.jsonl, loaded with `datasets` and handed to TRL's own DPOTrainer as is: every row
+    survives TRL's preprocessing, TRL's prompt tokens are the ones raypipe trained on, and two steps train."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    from raypipe.pipeline import TRL_PAIRS_FILE
+
+    trl = import_trl()
+    build = pairs_round["cfg"].run_dir / "round_1" / "build"
+    data = datasets.load_dataset("json", data_files=str(build / TRL_PAIRS_FILE))["train"]
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, learning_rate=1e-3,
+                         use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = trl.DPOTrainer(model=str(tiny_model_dir), args=args, train_dataset=data,
+                             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert trainer.train_dataset.num_rows == 32
+    ours = pq.read_table(build / "data.parquet").to_pylist()
+    theirs = {tuple(r["prompt_ids"]) for r in trainer.train_dataset}
+    assert {tuple(r["chosen_ids"][:r["chosen_mask"].index(1)]) for r in ours} == theirs
+    result = trainer.train()
+    assert result.global_step == 2 and math.isfinite(result.training_loss) and result.training_loss > 0
