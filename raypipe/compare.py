@@ -21,6 +21,7 @@ from typing import Any
 from raypipe.config import ConfigError, load_config, load_structured
 from raypipe.console import terminal
 from raypipe.files import write_atomic
+from raypipe.paired import paired_difference, read_verdicts
 from raypipe.ray_env import init_ray
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,20 @@ def summarise(runs: list[dict[str, Any]], cmp: CompareConfig) -> dict[str, Any]:
                 "assessment_after": _mean([x["assessment_after"] for x in rounds]),
                 "rollouts_per_pair": _mean([x["rollouts_per_pair"] for x in rounds]),
                 "seconds": _mean([sum(x["stage_seconds"].values()) for x in rounds]),
+                "paired_vs_control": _paired(rounds, "after", "control"),
+                "paired_vs_previous_round": _paired(rounds, "after", "before") if k else None,
             }
     return {"name": cmp.name, "seeds": list(cmp.seeds), "round_steps": cmp.round_steps, "rows": rows,
             "runs": runs}
+
+
+def _paired(rounds: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+    """Evaluation `a` minus evaluation `b` of these rounds (one per seed), problem by problem; None where a round
+    lacks either (no control, or a summary from before evaluations were recorded)."""
+    found = [r.get("evaluations", {}) for r in rounds]
+    if not found or any(a not in e or b not in e for e in found):
+        return None
+    return paired_difference([(read_verdicts(e[a]), read_verdicts(e[b])) for e in found])
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -173,18 +185,28 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"and 95% t-interval; every method {result['round_steps']} optimiser steps from the same SFT "
              "checkpoint on the same samples. Assessment: share of (right, wrong) dev chain pairs scored in the "
              "right order, before -> after. 'its control': SFT continued for the same steps from the same "
-             "policy (for round 2, from round 1's control).", "",
-             "| arm | accuracy | 95% interval | per seed | its control | train rows | assessment | rollouts/pair |",
-             "|---|---|---|---|---|---|---|---|"]
+             "policy (for round 2, from round 1's control). 'minus control': the arm's accuracy minus its control's "
+             "on the same problems, mean over seeds with a 95% paired-bootstrap interval over problems.", "",
+             "| arm | accuracy | 95% interval | per seed | its control | minus control | train rows | assessment "
+             "| rollouts/pair |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, row in result["rows"].items():
         acc = row["accuracy"]
         assessment = (f"{row['assessment_before']:.3f} -> {row['assessment_after']:.3f}"
                       if row.get("assessment_after") is not None else "")
         lines.append(f"| {label} | {acc['mean']:.3f} | [{acc['low']:.3f}, {acc['high']:.3f}] | "
                      f"{', '.join(f'{v:.3f}' for v in acc['values'])} | {_cell(row.get('control_accuracy'), '.3f')} | "
+                     f"{_paired_cell(row.get('paired_vs_control'))} | "
                      f"{_cell(row.get('train_rows'), '.0f')} | "
                      f"{assessment} | {_cell(row.get('rollouts_per_pair'), '.1f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _paired_cell(paired: dict[str, Any] | None) -> str:
+    if paired is None:
+        return ""
+    low, high = paired["ci95"]
+    return f"{paired['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def _cell(value: float | None, spec: str) -> str:

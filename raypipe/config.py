@@ -122,6 +122,10 @@ class EvalConfig:
 
     max_new_tokens: int = 96
     """Cap on the generated answer."""
+    split: str = "test"
+    """Split every round's evaluation grades: 'test' for reported figures; 'dev' for selection runs (choosing
+    learning rate, beta, rounds ... by comparing runs on dev, so the test split is read only for the final
+    figures)."""
     assessment_questions: int = 200
     """Dev questions whose sampled chains measure assessment accuracy (AFT paper: share of (right, wrong) chain
     pairs the model scores in the right order) before and after each round; 0 skips it."""
@@ -234,6 +238,7 @@ def _validate(cfg: RunConfig) -> None:
         "branch.search": (cfg.branch.search, {"binary", "linear"}),
         "method": (cfg.method, {"sft", "rft", "dpo", "ipo", "stepdpo", "aft", "lema", "realign"}),
         "aft.constraint": (cfg.aft.constraint, {"dc", "bc", "rank", "none"}),
+        "eval.split": (cfg.eval.split, {"test", "dev"}),
         "wandb.mode": (cfg.wandb.mode, {"auto", "offline", "online", "disabled"}),
         "lema.corrector": (cfg.lema.corrector, {"exact", "model"}),
         "model.extra_corpus": (tuple(cfg.model.extra_corpus), {(), ("lema",)}),

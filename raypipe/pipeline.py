@@ -340,16 +340,18 @@ class Pipeline(StageContext):
                                        body, keep=CHECKPOINTS), previous)
 
     def evaluate(self, r: int, name: str, policy: StageResult) -> StageResult:
-        """Greedy accuracy on the held-out test split."""
-        test = self.splits.test
+        """Greedy accuracy on the held-out split `eval.split` (test, or dev for selection runs)."""
+        problems = self.splits.dev if self.cfg.eval.split == "dev" else self.splits.test
 
         def body(out: Path) -> dict[str, Any]:
             start, refreshed = time.perf_counter(), self.pool.refresh_seconds
-            result = evaluate(self.pool, model_dir(policy), self.tokenizer, self.task, test, self.cfg.eval.max_new_tokens)
+            result = evaluate(self.pool, model_dir(policy), self.tokenizer, self.task, problems,
+                              self.cfg.eval.max_new_tokens)
             write_rows(out, result.rows)
             log.info("round %d %s: accuracy %.3f on %d problems", r, name, result.accuracy, result.n)
             return {"accuracy": result.accuracy, "n": result.n, **write_rejected(out, result.rejected()),
                     "tokens_per_s": result.generated_tokens / (time.perf_counter() - start),
                     "weight_refresh_seconds": self.pool.refresh_seconds - refreshed}
 
-        return self.store.run(r, name, (self.cfg.eval.max_new_tokens, self.cfg.task, self.cfg.engine), [policy], body)
+        return self.store.run(r, name, (self.cfg.eval.max_new_tokens, self.cfg.eval.split, self.cfg.task,
+                                        self.cfg.engine), [policy], body)

@@ -20,6 +20,9 @@ PAIR_METHODS = ("dpo", "ipo", "stepdpo")
 SUMMARY_COLUMNS = ("accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs",
                    "mc_exact_agreement", "rollouts_per_pair", "assessment_before", "assessment_after",
                    "corrections_kept", "correction_pass_rate")
+EVALUATIONS = {"before": "before", "after": "evaluate", "control": "evaluate_control"}
+"""Round summary key `evaluations`: where each of the round's graded test predictions lie (a stage folder with
+its rows), so paired comparisons (raypipe.paired) can match them problem by problem."""
 
 
 def round_summary(r: int, method: str, seconds: dict[str, float],
@@ -45,6 +48,8 @@ def round_summary(r: int, method: str, seconds: dict[str, float],
             "corrections_kept": metric("correct", "kept"),
             "correction_pass_rate": metric("correct", "filter_pass_rate"),
             "weight_refresh_seconds": metric("evaluate", "weight_refresh_seconds"),
+            "evaluations": {key: str(stages[stage].dir) for key, stage in EVALUATIONS.items()
+                            if stages.get(stage) is not None},
             "stage_seconds": {n: seconds[f"round_{r}/{n}"] for n in ROUND_STAGES if f"round_{r}/{n}" in seconds}}
 
 

@@ -10,6 +10,7 @@ import pytest
 from raypipe.compare import (ArmConfig, CompareConfig, load_compare, markdown_table, mean_interval, run_compare,
                              summarise)
 from raypipe.config import ConfigError
+from raypipe.paired import read_verdicts
 
 from tests.conftest import E2E_OVERRIDES
 
@@ -38,6 +39,9 @@ def test_compare_config_errors_name_the_problem(tmp_path: Path) -> None:
     bad.write_text("arms:\n  x: {method: dpo, overrides: [engine.backend=hf]}\n")
     with pytest.raises(ConfigError, match="base_overrides"):
         load_compare(bad)
+    bad.write_text("arms:\n  x: {method: dpo, overrides: [eval.split=train]}\n")
+    with pytest.raises(ConfigError, match=r"eval.split='train' is not one of \['dev', 'test'\]"):
+        load_compare(bad, [f"base={ROOT / 'conf/quickstart.yaml'}"])
     bad.write_text("arms:\n  x: {method: dpo, overrides: [dpo.nope=1]}\n")
     with pytest.raises(ConfigError, match="dpo.nope"):
         load_compare(bad, [f"base={ROOT / 'conf/quickstart.yaml'}"])
@@ -50,7 +54,7 @@ def test_a_small_comparison_runs_end_to_end(e2e_run: dict, tmp_path: Path) -> No
     cmp = CompareConfig(
         name="cmp", output_dir=str(tmp_path), base=str(ROOT / "conf/quickstart.yaml"), seeds=[0, 1], round_steps=4,
         base_overrides=[*E2E_OVERRIDES, f"model.path={sft_model}", "warmup.max_steps=0", "wandb.mode=disabled",
-                        "eval.assessment_questions=0", "sampling.questions_per_round=32"],
+                        "eval.assessment_questions=0", "sampling.questions_per_round=32", "eval.split=dev"],
         arms={"aft-dc": ArmConfig(method="aft", overrides=["aft.constraint=dc"]),
               "aft-rank": ArmConfig(method="aft", overrides=["aft.constraint=rank"])})
     result = run_compare(cmp)
@@ -62,6 +66,14 @@ def test_a_small_comparison_runs_end_to_end(e2e_run: dict, tmp_path: Path) -> No
     for arm in ("aft-dc", "aft-rank"):
         row = result["rows"][arm]
         assert row["train_steps"] == 4 and len(row["accuracy"]["values"]) == 2
+        # same problems: the mean paired difference is the difference of the two arms' mean accuracies
+        paired, control = row["paired_vs_control"], result["rows"]["sft continued (control)"]["accuracy"]
+        assert paired["mean"] == pytest.approx(row["accuracy"]["mean"] - control["mean"], abs=1e-9)
+        assert paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1] and paired["n_problems"] == 100
+        assert written["rows"][arm]["paired_vs_control"] == paired
+    dev = read_verdicts(result["runs"][0]["rounds"][0]["evaluations"]["after"])
+    test = read_verdicts(e2e_run["cfg"].run_dir / "round_1" / "evaluate")
+    assert len(dev) == len(test) == 100 and not set(dev) & set(test), "eval.split=dev grades dev, never test"
     for seed in (0, 1):  # the second arm trains on the first arm's samples, against the first arm's control
         reused = json.loads((root / f"seed_{seed}" / "aft-rank" / "summary.json").read_text())["stages_reused"]
         assert {"round_0/sft", "round_1/sample", "round_1/grade", "round_1/control"} <= set(reused)
