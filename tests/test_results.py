@@ -1,19 +1,29 @@
-"""Kept results: record.json (command, commit, machine, date, wall time)."""
+"""Kept results: record.json (command, commit, machine, date, wall time), and `--results` on `raypipe run` and
+`raypipe compare`."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
 import os
 import platform
 import subprocess
+import sys
+import types
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from raypipe.cli import main as raypipe_main
+from raypipe.compare import ArmConfig, CompareConfig, load_compare
+from raypipe.config import save_config
 from raypipe.results import begin, git_state, keep, machine
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
@@ -96,3 +106,61 @@ def test_no_gpu_is_null(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert machine()["gpus"] is None
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert machine()["gpus"] is None
+
+
+class FakePipeline:
+    """Writes what a run writes in its run folder, without running anything."""
+
+    def __init__(self, cfg: object) -> None:
+        self.cfg = cfg
+
+    def run(self) -> None:
+        run_dir = self.cfg.run_dir  # type: ignore[attr-defined]
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text('{"rounds": []}')
+        (run_dir / "config.yaml").write_text("seed: 0\n")
+
+
+def test_run_and_compare_keep_what_they_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = types.ModuleType("raypipe.pipeline")
+    pipeline.Pipeline = FakePipeline  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "raypipe.pipeline", pipeline)
+    monkeypatch.setattr("raypipe.cli.run_console", lambda *args: contextlib.nullcontext())
+    dest = tmp_path / "kept" / "quick"
+    runs = tmp_path / "runs"
+    argv = ["run", "conf/quickstart.yaml", f"output_dir={runs}", "--results", str(dest)]
+    assert raypipe_main(argv) == 0
+    record = json.loads((dest / "record.json").read_text())
+    assert record["command"] == f"raypipe run conf/quickstart.yaml output_dir={runs} --results {dest}"
+    assert record["files"] == ["config.yaml", "summary.json"]
+    assert (dest / "summary.json").read_text() == (runs / "quickstart" / "summary.json").read_text()
+
+    def fake_compare(cmp: CompareConfig) -> None:
+        root = Path(cmp.output_dir) / cmp.name
+        root.mkdir(parents=True)
+        for name in ("compare.json", "compare.md", "config.yaml"):
+            (root / name).write_text(name)
+
+    monkeypatch.setattr("raypipe.compare.run_compare", fake_compare)
+    dest = tmp_path / "kept" / "cmp"
+    assert raypipe_main(["compare", "conf/compare.yaml", f"output_dir={runs}", "--results", str(dest)]) == 0
+    kept = json.loads((dest / "record.json").read_text())["files"]
+    assert kept == ["compare.json", "compare.md", "config.yaml"]
+    assert (dest / "compare.md").read_text() == "compare.md"
+
+
+def test_a_realign_run_is_refused_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("raypipe.cli.run_console", lambda *args: pytest.fail("the run started"))
+    dest = tmp_path / "kept"
+    assert raypipe_main(["run", "conf/realign_gsm8k.yaml", "--results", str(dest)]) == 2
+    assert "a realign run writes none" in capsys.readouterr().err and not dest.exists()
+
+
+def test_a_comparison_config_is_kept_as_it_loads(tmp_path: Path) -> None:
+    """run_compare saves its resolved config with save_config: loading that file gives the comparison back."""
+    cmp = CompareConfig(name="c", seeds=[3, 4], round_steps=7, base=str(ROOT / "conf/quickstart.yaml"),
+                        base_overrides=["rounds=1"],
+                        arms={"dc": ArmConfig(method="aft", overrides=["aft.constraint=dc"])})
+    save_config(cmp, tmp_path / "config.yaml")
+    assert load_compare(tmp_path / "config.yaml") == cmp
