@@ -1,5 +1,5 @@
-"""Kept results: record.json (command, commit, machine, date, wall time), and `--results` on `raypipe run` and
-`raypipe compare`."""
+"""Kept results: record.json (command, commit, machine, date, wall time), `--results` on `raypipe run` and
+`raypipe compare`, the docs' generated blocks, and the docs equal to the rendering of results/."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from raypipe.cli import main as raypipe_main
-from raypipe.compare import ArmConfig, CompareConfig, load_compare
+from raypipe.compare import ArmConfig, CompareConfig, load_compare, markdown_table
 from raypipe.config import save_config
+from raypipe.render_results import main as render_main
 from raypipe.results import begin, git_state, keep, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,3 +165,141 @@ def test_a_comparison_config_is_kept_as_it_loads(tmp_path: Path) -> None:
                         arms={"dc": ArmConfig(method="aft", overrides=["aft.constraint=dc"])})
     save_config(cmp, tmp_path / "config.yaml")
     assert load_compare(tmp_path / "config.yaml") == cmp
+
+
+RECORD = {"command": "raypipe run conf/quickstart.yaml --results results/quick",
+          "git_commit": "09588e7c66d8433945f47556f179e594856843dd", "git_dirty": False,
+          "date": "2026-12-03T16:54:09+00:00", "wall_seconds": 1116.0,
+          "machine": {"cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "memory_gib": 23.5, "gpus": None,
+                      "python": "3.11.7", "libraries": {"torch": "2.13.0+cpu"}},
+          "files": ["config.yaml", "summary.json"]}
+"""A record as `keep` writes it, with fixed values so that the rendering can be spelled out."""
+
+
+
+def write_result(folder: Path, files: dict[str, str], **record: object) -> Path:
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    (folder / "record.json").write_text(json.dumps({**RECORD, **record}))
+    return folder
+
+
+def round_row(r: int, before: float, after: float, control: float | None, pairs: int | None, rows: int,
+              steps: int) -> dict:
+    return {"round": r, "method": "stepdpo", "accuracy_before": before, "accuracy_after": after,
+            "control_accuracy_after": control, "n_pairs": pairs, "n_train_rows": rows, "train_steps": steps,
+            "stage_seconds": {"train": 1.0}}
+
+
+COMPARE = {"name": "cmp", "seeds": [0, 1], "round_steps": 4, "rows": {
+    "start (SFT checkpoint)": {"accuracy": {"mean": 0.5, "low": 0.5, "high": 0.5, "n": 2,
+                                            "values": [0.5, 0.5]}},
+    "dpo": {"method": "dpo", "round": 1, "accuracy": {"mean": 0.61, "low": 0.48, "high": 0.74, "n": 2,
+                                                       "values": [0.6, 0.62]},
+            "control_accuracy": 0.7, "train_rows": 12.0, "train_steps": 4.0, "assessment_before": 0.6,
+            "assessment_after": 0.65, "rollouts_per_pair": None, "seconds": 3.0}}, "runs": []}
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    """Two kept results: a two-round run and a comparison (code with uncommitted changes, on two GPUs)."""
+    root = tmp_path / "results"
+    write_result(root / "quick", {"summary.json": json.dumps({"run": "quick", "method": "stepdpo", "rounds": [
+        round_row(1, 0.48, 0.562, 0.656, 720, 720, 46), round_row(2, 0.562, 0.6, None, 650, 650, 40)]})})
+    write_result(root / "cmp", {"compare.json": json.dumps(COMPARE)}, git_commit="abcdef1234" + "0" * 30,
+                 git_dirty=True, wall_seconds=8280.0, command="raypipe compare conf/compare.yaml --results x",
+                 machine={"cpu": "AMD EPYC", "cores": 16, "memory_gib": 128.0, "gpus": ["NVIDIA H200"] * 2,
+                          "python": "3.11.7", "libraries": {}})
+    return root
+
+
+RENDERED_RUN = """<!-- results: quick run -->
+
+| round | accuracy_before | accuracy_after | control_accuracy_after | n_pairs | train_steps |
+|---|---|---|---|---|---|
+| 1 | 0.480 | 0.562 | 0.656 | 720 | 46 |
+| 2 | 0.562 | 0.600 | - | 650 | 40 |
+
+Run on 2026-12-03 at commit 09588e7, 18.6 min on 2 CPU cores (Intel(R) Xeon(R) Processor), 24 GiB RAM, \
+no GPU; `raypipe run conf/quickstart.yaml --results results/quick`
+
+<!-- /results -->
+"""
+
+
+def rendered_compare() -> str:
+    return (f"<!-- results: cmp compare -->\n\n{markdown_table(COMPARE)}\nRun on 2026-12-03 at commit "
+            "abcdef1 with uncommitted changes, 2.3 h on 16 CPU cores (AMD EPYC), 128 GiB RAM, "
+            "2x NVIDIA H200; `raypipe compare conf/compare.yaml --results x`\n\n<!-- /results -->\n")
+
+
+def test_a_doc_renders_every_block_from_its_folder(results: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Figures\n\n<!-- results: quick run -->\nan old table\n<!-- /results -->\n\nBetween.\n"
+                   "<!-- results: cmp compare -->\n<!-- /results -->\nThe end.\n")
+    assert render_main([str(doc), "--results", str(results)]) == 0
+    assert doc.read_text() == f"# Figures\n\n{RENDERED_RUN}\nBetween.\n{rendered_compare()}The end.\n"
+    assert render_main([str(doc), "--results", str(results), "--check"]) == 0
+
+
+def test_a_method_without_pairs_shows_training_rows_and_a_benchmark_its_output(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    sft = round_row(1, 0.5, 0.55, None, None, 900, 30)
+    write_result(results / "sft", {"summary.json": json.dumps({"rounds": [sft]})})
+    write_result(results / "bench" / "dpo", {"output.txt": "\x1b[36m(Worker pid=1)\x1b[0m step 1\n"
+                 "Loading:   0%|   | 0/39\rLoading: 100%|###| 39/39\n| a | b |\nsee ```code```\n"})
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- results: sft run -->\n<!-- /results -->\n<!-- results: bench/dpo bench -->\n"
+                   "<!-- /results -->\n")
+    assert render_main([str(doc), "--results", str(results)]) == 0
+    text = doc.read_text()
+    assert ("| round | accuracy_before | accuracy_after | control_accuracy_after | n_train_rows | "
+            "train_steps |\n|---|---|---|---|---|---|\n| 1 | 0.500 | 0.550 | - | 900 | 30 |\n") in text
+    assert ("\n````text\n(Worker pid=1) step 1\nLoading: 100%|###| 39/39\n| a | b |\nsee ```code```\n"
+            "````\n") in text
+
+
+def test_check_names_a_hand_edited_block_and_writes_nothing(results: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("Intro.\n<!-- results: quick run -->\n<!-- /results -->\n")
+    assert render_main([str(doc), "--results", str(results)]) == 0
+    edited = doc.read_text().replace("| 0.562 | 0.656 |", "| 0.600 | 0.656 |")
+    doc.write_text(edited)
+    capsys.readouterr()
+    assert render_main([str(doc), "--results", str(results), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert f"{doc}:2: block 'quick run' differs from {results / 'quick'}" in err and "make results" in err
+    assert doc.read_text() == edited
+    assert render_main([str(doc), "--results", str(results)]) == 0
+    assert doc.read_text() == "Intro.\n" + RENDERED_RUN
+
+
+def test_check_names_every_block_it_cannot_render(results: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    (results / "unkept").mkdir()
+    doc = tmp_path / "doc.md"
+    text = ("<!-- results: missing run -->\nkept as it was\n<!-- /results -->\n"  # 1
+            "<!-- results: quick table -->\n<!-- /results -->\n"  # 4
+            "<!-- results: ../quick run -->\n<!-- /results -->\n"  # 6
+            "<!-- results: unkept run -->\n<!-- /results -->\n"  # 8
+            "<!-- /results -->\n"  # 10
+            "<!-- results: quick run -->\nno end\n")  # 11
+    doc.write_text(text)
+    for check in ([], ["--check"]):
+        assert render_main([str(doc), "--results", str(results), *check]) == 1
+        err = capsys.readouterr().err
+        assert f"{doc}:1: block 'missing run': {results / 'missing'}: no such folder" in err
+        assert f"{doc}:4: block 'quick table': unknown kind 'table' (known: run, compare, bench)" in err
+        assert f"{doc}:6: block '../quick run': '../quick' is not a folder under results/" in err
+        assert f"{doc}:8: block 'unkept run': {results / 'unkept' / 'record.json'}: missing" in err
+        assert f"{doc}:10: <!-- /results --> with no opening marker before it" in err
+        assert f"{doc}:11: <!-- results: quick run --> has no <!-- /results -->" in err
+        assert doc.read_text() == text
+
+
+def test_the_docs_equal_the_rendering_of_results(capsys: pytest.CaptureFixture[str]) -> None:
+    """README.md and benchmarks/RESULTS.md render to themselves: a figure edited by hand, or a kept result
+    changed without `make results`, fails here."""
+    assert render_main(["--check"]) == 0, capsys.readouterr().err
