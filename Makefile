@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup browser demo test test-fast test-all bench clean
+.PHONY: setup browser demo test test-fast test-all bench results clean
 
 # torch 2.13.0 first (the local CPU build; an unpinned torch pulls GB of CUDA wheels), then DeepSpeed without
 # build isolation (its sdist would otherwise build against a fresh CUDA torch), then the project with the cpu set,
@@ -54,6 +54,10 @@ test-all: setup browser $(BENCH_DEPS)
 
 bench: setup $(BENCH_DEPS)
 	$(PY) -m benchmarks all
+
+# the docs' generated result blocks (<!-- results: NAME KIND -->) rendered anew from results/NAME/
+results: setup
+	$(PY) -m raypipe.render_results
 
 clean:
 	rm -rf runs

@@ -11,10 +11,13 @@ from raypipe.config import ConfigError, EngineConfig, TaskConfig, describe, load
 from raypipe.console import run_console
 from raypipe.data.benchmarks import DataError
 from raypipe.engines.text import EngineError
+from raypipe.results import begin, keep
 
 log = logging.getLogger("raypipe")
 VERBOSE_HELP = ("also show the libraries' output (Ray workers, vLLM, DeepSpeed, warnings) on the terminal; it is "
                 "always in <run>/logs/console.log")
+RESULTS_HELP = ("keep what the experiment wrote in this folder, e.g. results/quickstart, with record.json "
+                "(command, git commit, machine, date, wall time): what `make results` renders into the docs")
 
 
 def _fraction(text: str) -> float:
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", help="YAML file under conf/")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3 rounds=2")
     run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    run.add_argument("--results", type=Path, default=None, help=RESULTS_HELP)
     plan = sub.add_parser("plan", help="estimated GPU memory per stage (from the model's config.json); "
                                        "refuses what does not fit")
     plan.add_argument("config", help="YAML file under conf/")
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("config", help="comparison YAML, e.g. conf/compare.yaml")
     cmp.add_argument("overrides", nargs="*", help="dotted overrides of the comparison, e.g. seeds=[0,1]")
     cmp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    cmp.add_argument("--results", type=Path, default=None, help=RESULTS_HELP)
     srv = sub.add_parser("serve", help="serve a run's latest model (or any model folder): OpenAI API + demo page")
     srv.add_argument("model", help="a run folder, e.g. runs/quickstart, or a Hugging Face model folder")
     srv.add_argument("overrides", nargs="*", help="ServeConfig fields, e.g. max_tokens=256 device=cpu")
@@ -63,15 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=8000, help="HTTP port")
     show = sub.add_parser("config", help="print every config field with its default and meaning")
     show.add_argument("action", choices=["show"])
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
             cfg = load_config(args.config, args.overrides)
+            if args.results and cfg.method == "realign":
+                raise ConfigError("--results keeps a pipeline run's summary.json; a realign run writes none")
             if cfg.train.use_gpu and cfg.method != "realign":  # refuse what cannot fit before anything starts
                 from raypipe.plan import check_fits, plan_run
 
                 check_fits(plan_run(cfg))
+            start = begin(args.results, "raypipe", argv) if args.results else None
             with run_console(cfg.run_dir / "logs", args.verbose):
                 if cfg.method == "realign":
                     from raypipe.realign.stage import run_realign
@@ -81,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                     from raypipe.pipeline import Pipeline  # heavy imports only once the config is known to be good
 
                     Pipeline(cfg).run()
+            if start is not None:
+                keep(start, [cfg.run_dir / "summary.json", cfg.run_dir / "config.yaml"])
         elif args.command == "plan":
             from raypipe.plan import check_fits, plan_run, print_plan
 
@@ -91,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             from raypipe.compare import load_compare, run_compare
 
             cmp = load_compare(args.config, args.overrides)
-            with run_console(Path(cmp.output_dir) / cmp.name / "logs", args.verbose):
+            start = begin(args.results, "raypipe", argv) if args.results else None
+            root = Path(cmp.output_dir) / cmp.name
+            with run_console(root / "logs", args.verbose):
                 run_compare(cmp)
+            if start is not None:
+                keep(start, [root / "compare.json", root / "compare.md", root / "config.yaml"])
         elif args.command == "eval":
             from raypipe.evaluate import run_benchmark_eval
 

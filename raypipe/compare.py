@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe.config import ConfigError, load_config, load_structured
+from raypipe.config import ConfigError, load_config, load_structured, save_config
 from raypipe.console import terminal
 from raypipe.files import write_atomic
 from raypipe.paired import paired_difference, read_verdicts
@@ -87,7 +87,8 @@ def _arm_config(cmp: CompareConfig, name: str, arm: ArmConfig, seed: int) -> Any
 
 
 def run_compare(cmp: CompareConfig) -> dict[str, Any]:
-    """Run every (seed, arm), then write compare.json, compare.md and compare.png in the comparison folder."""
+    """Run every (seed, arm), then write compare.json, compare.md, compare.png and the resolved comparison
+    config (config.yaml) in the comparison folder."""
     from raypipe.pipeline import Pipeline
     from raypipe.rollout.generation import EnginePool
 
@@ -111,6 +112,7 @@ def run_compare(cmp: CompareConfig) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     write_atomic(root / "compare.json", json.dumps(result, indent=2))
     write_atomic(root / "compare.md", markdown_table(result))
+    save_config(cmp, root / "config.yaml")
     plot_compare(result, root / "compare.png")
     terminal().print(markdown_table(result), markup=False, highlight=False, soft_wrap=True)
     return result

@@ -335,7 +335,8 @@ def to_dict(section: Any) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(section), resolve=True)  # type: ignore[return-value]
 
 
-def save_config(cfg: RunConfig, path: Path) -> None:
+def save_config(cfg: Any, path: Path) -> None:
+    """A resolved config (a run's, a comparison's) as YAML, beside what it produced."""
     write_atomic(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 

@@ -71,19 +71,21 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         for row in rounds:
             table.add_column(f"round {row['round']}", justify="right")
     for column in SUMMARY_COLUMNS:
-        cells = [_fmt(row[column]) for row in rounds]
+        cells = [format_figure(row[column]) for row in rounds]
         if any(cell != "-" for cell in cells):
             figures.add_row(column, *cells)
     for name in dict.fromkeys(n for row in rounds for n in row["stage_seconds"]):
         timing.add_row(name, *(f"{row['stage_seconds'][name]:.1f}" if name in row["stage_seconds"] else "-"
                                for row in rounds))
     if any(row.get("weight_refresh_seconds") is not None for row in rounds):
-        timing.add_row("(weight refresh)", *(_fmt(row.get("weight_refresh_seconds")) for row in rounds))
+        timing.add_row("(weight refresh)", *(format_figure(row.get("weight_refresh_seconds"))
+                                             for row in rounds))
     console.print(figures)
     console.print(timing)
 
 
-def _fmt(value: Any) -> str:
+def format_figure(value: Any) -> str:
+    """A figure as the summary tables show it (the terminal's and the docs'): 3 decimals, '-' for none."""
     if value is None:
         return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)

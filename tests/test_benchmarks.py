@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +56,40 @@ def test_harness_passes_arguments_through(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):  # the benchmark's own parser: --steps must be a multiple of --warmup
         harness.main(["dpo_vs_trl", "--steps", "10", "--warmup", "4", "--contenders", "plain-live"])
     assert "--steps must be a multiple of --warmup" in capsys.readouterr().err
+
+
+def test_run_teed_keeps_what_the_terminal_shows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """stdout, stderr and a grandchild's output, in the order written, on the terminal and in the file alike."""
+    script = ("import subprocess, sys; print('from python'); print('to stderr', file=sys.stderr); "
+              "subprocess.run(['echo', 'from a child']); sys.exit(3)")
+    assert harness.run_teed([sys.executable, "-c", script], tmp_path / "output.txt") == 3
+    shown = "from python\nto stderr\nfrom a child\n"
+    assert (tmp_path / "output.txt").read_text() == shown and capsys.readouterr().out == shown
+
+
+def test_results_keeps_the_output_with_its_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[list[str]] = []
+
+    def teed(command: list[str], path: Path) -> int:
+        ran.append(list(command))
+        path.write_text("figures\n")
+        return 0 if len(ran) == 1 else 4
+
+    monkeypatch.setattr(harness, "run_teed", teed)
+    dest = tmp_path / "dpo"
+    harness.main(["--results", str(dest), "dpo_vs_trl", "--steps", "32"])
+    assert ran == [[sys.executable, "-m", "benchmarks", "dpo_vs_trl", "--steps", "32"]]
+    record = json.loads((dest / "record.json").read_text())
+    assert record["command"] == f"python -m benchmarks --results {dest} dpo_vs_trl --steps 32"
+    assert record["files"] == ["output.txt"] and (dest / "output.txt").read_text() == "figures\n"
+    failed = tmp_path / "failed"
+    with pytest.raises(SystemExit) as exit_:
+        harness.main(["--results", str(failed), "all"])
+    assert exit_.value.code == 4 and ran[-1] == [sys.executable, "-m", "benchmarks", "all"]
+    assert (failed / "output.txt").is_file() and not (failed / "record.json").exists()
+    with pytest.raises(SystemExit):
+        harness.main(["--results", str(failed), "all", "--steps", "3"])
+    assert len(ran) == 2, "`all` with arguments is refused before anything runs"
 
 
 def test_step_pairs_differ_only_in_the_compared_step(pairs: list[bench.Pair], tiny_model_dir: Path) -> None:

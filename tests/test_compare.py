@@ -63,6 +63,7 @@ def test_a_small_comparison_runs_end_to_end(e2e_run: dict, tmp_path: Path) -> No
     assert written["rows"].keys() == result["rows"].keys() == {
         "start (SFT checkpoint)", "sft continued (control)", "aft-dc", "aft-rank"}
     assert (root / "compare.png").stat().st_size > 0 and "| aft-rank |" in (root / "compare.md").read_text()
+    assert load_compare(root / "config.yaml") == cmp, "the resolved comparison is kept beside its results"
     for arm in ("aft-dc", "aft-rank"):
         row = result["rows"][arm]
         assert row["train_steps"] == 4 and len(row["accuracy"]["values"]) == 2
