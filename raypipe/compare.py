@@ -3,9 +3,11 @@ optimiser steps, over several seeds, against SFT continued for those steps (the 
 
 Each (seed, arm) is an ordinary pipeline run in `runs/<name>/seed_<s>/<arm>/`. The runs share what they have in
 common through the artefact store (`reuse_from`): round 0 (SFT, one checkpoint for all seeds, since SFT's seed is
-`warmup.seed`), and per seed the round's samples, grades and the control. So every arm sees exactly the same
-sampled chains (the same sampling budget); Step-DPO additionally spends branching rollouts, reported separately.
-Selection of hyper-parameters, if any, belongs on the dev split: the reported accuracy is on the test split.
+`warmup.seed`), and per seed the round's samples, grades and the control. Runs beside the comparison folder (a
+`raypipe run` of the base recipe) and other comparisons' runs count too: a final comparison on test reuses every
+stage a selection comparison on dev (`eval.split=dev`) already ran, and grades the same models on test. So every
+arm sees exactly the same sampled chains (the same sampling budget); Step-DPO additionally spends branching
+rollouts, reported separately. Settings are chosen on the dev split; the reported accuracy is on the test split.
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ def run_compare(cmp: CompareConfig) -> dict[str, Any]:
             for name, arm in cmp.arms.items():
                 log.warning("compare: seed %d, arm %s (%s)", seed, name, arm.method)
                 cfg = _arm_config(cmp, name, arm, seed)
-                siblings = sorted(p for p in [*root.glob("seed_*/*"), *root.parent.glob("*")]
-                                  if p.is_dir() and p != root)
+                siblings = sorted(p for p in [*root.glob("seed_*/*"), *root.parent.glob("*"),
+                                              *root.parent.glob("*/seed_*/*")]
+                                  if p.is_dir() and p != root and root not in p.parents)
                 summary = Pipeline(cfg, reuse_from=siblings, pool=pool).run()
                 runs.append({"seed": seed, "arm": name, "method": arm.method, "rounds": summary["rounds"]})
     finally:
