@@ -34,7 +34,7 @@ from raypipe.methods import BuildInputs
 from raypipe.methods.aft import assessment_accuracy, assessment_rows
 from raypipe.methods.sft import sft_rows
 from raypipe.ray_env import init_ray
-from raypipe.report import plot_accuracy, print_summary, round_summary, write_summary
+from raypipe.report import plot_accuracy, print_summary, round_summary, warmup_summary, write_summary
 from raypipe.rollout.branching import Brancher, branch_row, localisation_metrics
 from raypipe.rollout.sampling import grade_samples, prompt_rows, sample_chains, wrong_chains
 from raypipe.stage_context import StageContext, carried, data_path, model_dir
@@ -64,7 +64,7 @@ class Pipeline(StageContext):
         try:
             self.init_stage = init = self.init()
             worked = self.sft_data(init)
-            policy = self.sft(worked, init)
+            policy = warmup = self.sft(worked, init)
             before = self.evaluate(0, "evaluate", policy)
             control, rounds = policy, []
             samples = method.samples and not cfg.task.pairs_path  # an existing pairs file replaces sampling
@@ -91,7 +91,8 @@ class Pipeline(StageContext):
         finally:
             if self.owns_pool:
                 self.pool.shutdown()
-        summary = {"run": cfg.name, "method": cfg.method, "run_dir": str(self.run_dir), "rounds": rounds,
+        summary = {"run": cfg.name, "method": cfg.method, "run_dir": str(self.run_dir),
+                   "warmup": warmup_summary(warmup), "rounds": rounds,
                    "stages_executed": self.store.executed, "stages_skipped": self.store.skipped,
                    "stages_reused": self.store.reused}
         write_summary(self.run_dir, summary)

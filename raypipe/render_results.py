@@ -30,6 +30,8 @@ OPEN = re.compile(r"<!-- results: (\S+) (\S+) -->")
 CLOSE = "<!-- /results -->"
 RUN_COLUMNS = ("accuracy_before", "accuracy_after", "control_accuracy_after", "n_pairs", "train_steps")
 """A run's per-round figures in the docs; `n_pairs` is `n_train_rows` for a method that builds no pairs."""
+WARMUP_EVALS = 5
+"""The warm-up's last dev evaluations a run's block shows: enough to see whether it had flattened."""
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -38,13 +40,24 @@ class ResultsError(Exception):
 
 
 def render_run(folder: Path) -> str:
-    """A run's summary.json: one row per round."""
-    rounds = _json(folder / "summary.json")["rounds"]
+    """A run's summary.json: one row per round, and the warm-up SFT it started from where it ran one."""
+    summary = _json(folder / "summary.json")
+    rounds = summary["rounds"]
     columns = [c if c != "n_pairs" or any(r["n_pairs"] is not None for r in rounds) else "n_train_rows"
                for c in RUN_COLUMNS]
     lines = ["| round | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {r['round']} | " + " | ".join(format_figure(r[c]) for c in columns) + " |" for r in rounds]
+    if summary.get("warmup"):
+        lines += ["", _warmup_line(summary["warmup"])]
     return "\n".join(lines)
+
+
+def _warmup_line(warmup: dict[str, Any]) -> str:
+    """Where on its learning curve the round started: SFT's length, stop and last dev evaluations."""
+    curve = list(warmup["dev_accuracy"].items())[-WARMUP_EVALS:]
+    return (f"Warm-up SFT: {warmup['steps']} steps (stopped: {warmup['stop_reason']}), final training loss "
+            f"{warmup['final_loss']:.4f}; dev accuracy at steps "
+            + ", ".join(f"{step}: {accuracy:.3f}" for step, accuracy in curve) + ".")
 
 
 def render_compare(folder: Path) -> str:

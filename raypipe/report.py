@@ -53,6 +53,17 @@ def round_summary(r: int, method: str, seconds: dict[str, float],
             "stage_seconds": {n: seconds[f"round_{r}/{n}"] for n in ROUND_STAGES if f"round_{r}/{n}" in seconds}}
 
 
+def warmup_summary(sft: StageResult) -> dict[str, Any] | None:
+    """Round 0's SFT as the summary reports it: steps, why it stopped and its dev accuracy curve, so a reader sees
+    where on its learning curve the methods started; None where no warm-up ran (a model that needs none)."""
+    metrics = sft.metrics
+    if not metrics.get("steps"):
+        return None
+    return {"steps": metrics["steps"], "stop_reason": metrics.get("stop_reason"),
+            "final_loss": metrics["final"].get("loss"),
+            "dev_accuracy": {str(d["step"]): d["accuracy"] for d in metrics["dev_history"]}}
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / "summary.json"
     write_atomic(path, json.dumps(summary, indent=2))

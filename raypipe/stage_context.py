@@ -99,7 +99,7 @@ class StageContext:
         self.tracker.log_training(out / "train_log.jsonl", prefix, result.dev_history)
         return {"model_dir": result.output_dir, "steps": result.steps, "train_seconds": result.seconds,
                 "tokens_per_s": result.tokens_per_s, "final": result.metrics, "dev_history": result.dev_history,
-                "resumed_from_step": result.resumed_from_step, "dropped": result.dropped,
+                "stop_reason": result.stop_reason, "resumed_from_step": result.resumed_from_step, "dropped": result.dropped,
                 "worker_nodes": result.worker_nodes}
 
     @property

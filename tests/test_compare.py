@@ -26,8 +26,11 @@ def test_mean_interval_is_the_student_t_interval() -> None:
 
 
 def test_compare_config_errors_name_the_problem(tmp_path: Path) -> None:
-    assert set(load_compare(ROOT / "conf/compare.yaml").arms) >= {"rft", "dpo", "ipo", "stepdpo", "aft-dc",
-                                                                  "aft-bc", "aft-rank"}
+    final, selection = load_compare(ROOT / "conf/compare.yaml"), load_compare(ROOT / "conf/select.yaml")
+    assert set(final.arms) == {"stepdpo", "dpo", "aft"} and final.arms["stepdpo"].rounds == 2
+    assert set(selection.base_overrides) - set(final.base_overrides) == {"eval.split=dev"}, "only the split differs"
+    chosen = {(a.method, tuple(a.overrides)) for a in final.arms.values()}
+    assert chosen <= {(a.method, tuple(a.overrides)) for a in selection.arms.values()}, "test grades dev's choices"
     bad = tmp_path / "bad.yaml"
     bad.write_text("arms:\n  x: {method: nope}\n")
     with pytest.raises(ConfigError, match="arm 'x'.*method"):

@@ -29,6 +29,8 @@ def test_a_full_round_runs_and_reports(e2e_run: dict) -> None:
     sft = json.loads((run_dir / "round_0/sft/manifest.json").read_text())["metrics"]
     stopped = json.loads((Path(sft["model_dir"]) / SUMMARY_FILE).read_text())["stop_reason"]
     assert stopped == "target", "the warm-up stops at the dev target it can reach, not at the step cap"
+    assert summary["warmup"] == {"steps": sft["steps"], "stop_reason": "target", "final_loss": sft["final"]["loss"],
+                                 "dev_accuracy": {str(d["step"]): d["accuracy"] for d in sft["dev_history"]}}
     assert sft["dev_history"][-1]["accuracy"] >= cfg.warmup.target_accuracy > sft["dev_history"][0]["accuracy"]
     assert round_1["accuracy_before"] >= 0.1
     assert round_1["n_pairs"] > 0 and round_1["rollouts_per_pair"] > 0

@@ -205,8 +205,11 @@ COMPARE = {"name": "cmp", "seeds": [0, 1], "round_steps": 4, "rows": {
 def results(tmp_path: Path) -> Path:
     """Two kept results: a two-round run and a comparison (code with uncommitted changes, on two GPUs)."""
     root = tmp_path / "results"
-    write_result(root / "quick", {"summary.json": json.dumps({"run": "quick", "method": "stepdpo", "rounds": [
-        round_row(1, 0.48, 0.562, 0.656, 720, 720, 46), round_row(2, 0.562, 0.6, None, 650, 650, 40)]})})
+    warmup = {"steps": 1500, "stop_reason": "max_steps", "final_loss": 0.00046,
+              "dev_accuracy": {str(100 * k): 0.1 * k for k in range(1, 8)}}
+    write_result(root / "quick", {"summary.json": json.dumps({"run": "quick", "method": "stepdpo", "warmup": warmup,
+                                                              "rounds": [round_row(1, 0.48, 0.562, 0.656, 720, 720, 46),
+                                                                         round_row(2, 0.562, 0.6, None, 650, 650, 40)]})})
     write_result(root / "cmp", {"compare.json": json.dumps(COMPARE)}, git_commit="abcdef1234" + "0" * 30,
                  git_dirty=True, wall_seconds=8280.0, command="raypipe compare conf/compare.yaml --results x",
                  machine={"cpu": "AMD EPYC", "cores": 16, "memory_gib": 128.0, "gpus": ["NVIDIA H200"] * 2,
@@ -220,6 +223,8 @@ RENDERED_RUN = """<!-- results: quick run -->
 |---|---|---|---|---|---|
 | 1 | 0.480 | 0.562 | 0.656 | 720 | 46 |
 | 2 | 0.562 | 0.600 | - | 650 | 40 |
+
+Warm-up SFT: 1500 steps (stopped: max_steps), final training loss 0.0005; dev accuracy at steps 300: 0.300, 400: 0.400, 500: 0.500, 600: 0.600, 700: 0.700.
 
 Run on 2026-12-03 at commit 09588e7, 18.6 min on 2 CPU cores (Intel(R) Xeon(R) Processor), 24 GiB RAM, \
 no GPU; `raypipe run conf/quickstart.yaml --results results/quick`
