@@ -111,6 +111,10 @@ class LEMAConfig(UpdateConfig):
     mistakes from several models); the policy's own samples are always used."""
     max_mistakes_per_question: int = 2
     """Distinct wrong solutions corrected per question and source."""
+    explanations: bool = True
+    """Train on the corrector's explanation. False is the explanation-free ablation: a correction example's output
+    is `Step k.` and the corrected solution only, so a test of whether the explanation (which quotes the wrong
+    result) helps or hurts changes nothing else."""
     evolve_questions: int = 0
     """Correction-centric evolution: new questions grown each round from the questions of the kept corrections
     (drawn with replacement), pseudo-labelled by a 3-sample policy majority, then collected and corrected the

@@ -191,6 +191,14 @@ def test_training_rows_mix_cot_and_corrections_with_loss_on_outputs(tiny_model_d
     assert row["input_ids"][: len(prompt)] == prompt and not any(row["loss_mask"][: len(prompt)])
     assert all(row["loss_mask"][len(prompt):]) and row["input_ids"][-1] == tok.eos_token_id
     assert tok.decode(row["input_ids"][len(prompt):-1]) == correction.text()
+    cfg.lema.explanations = False  # the explanation-free ablation: same example, the Explanation line gone
+    ablated = lema.build(BuildInputs(cfg=cfg, round=1, worked=worked, corrections=[kept], eos_id=tok.eos_token_id,
+                                     encode=encode))[1]
+    assert ablated["input_ids"][: len(prompt)] == prompt
+    target = " Step 2.\nCorrect Solution: {\n...\nStep 2: 68 - 17 = 51\nStep 3: The answer is 51.\n}"
+    assert tok.decode(ablated["input_ids"][len(prompt):-1]) == target
+    assert correction.text() == target.replace("\nCorrect", f"\nExplanation: {correction.explanation}\nCorrect")
+    cfg.lema.explanations = True
     cfg.lema.max_length = len(row["input_ids"]) - 1
     assert [r["source"] for r in lema.build(BuildInputs(cfg=cfg, round=1, worked=worked, corrections=[kept],
                                                         eos_id=0, encode=encode))] == ["cot"]

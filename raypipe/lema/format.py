@@ -39,11 +39,13 @@ class Correction:
     explanation: str
     corrected: tuple[str, ...]
 
-    def text(self) -> str:
-        """The corrector's answer after `Incorrect Step:` (also the training target of a correction example)."""
+    def text(self, explanation: bool = True) -> str:
+        """The corrector's answer after `Incorrect Step:` (also the training target of a correction example);
+        `explanation=False` leaves the Explanation field out (LEMA's explanation-free ablation)."""
         prefix = ["..."] if self.incorrect_step > 1 else []
         body = "\n".join([*prefix, *self.corrected])
-        return f" Step {self.incorrect_step}.\nExplanation: {self.explanation}\nCorrect Solution: {{\n{body}\n}}"
+        why = f"Explanation: {self.explanation}\n" if explanation else ""
+        return f" Step {self.incorrect_step}.\n{why}Correct Solution: {{\n{body}\n}}"
 
 
 def numbered_steps(completion: str) -> list[str]:

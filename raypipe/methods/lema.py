@@ -24,7 +24,8 @@ def build(inputs: BuildInputs) -> list[dict[str, Any]]:
         if c["status"] != "kept":
             continue
         prompt = inputs.encode(correction_input(c["question"], c["steps"]))
-        output = inputs.encode(Correction(c["incorrect_step"], c["explanation"], tuple(c["corrected"])).text())
+        correction = Correction(c["incorrect_step"], c["explanation"], tuple(c["corrected"]))
+        output = inputs.encode(correction.text(explanation=inputs.cfg.lema.explanations))
         output.append(inputs.eos_id)
         if len(prompt) + len(output) > max_length:  # cutting the input would cut the wrong solution: set it aside
             inputs.set_aside.append({"qid": c["qid"], "source": c["source"], "reason": "too_long", "error": (
