@@ -104,9 +104,8 @@ def run_compare(cmp: CompareConfig) -> dict[str, Any]:
             for name, arm in cmp.arms.items():
                 log.warning("compare: seed %d, arm %s (%s)", seed, name, arm.method)
                 cfg = _arm_config(cmp, name, arm, seed)
-                siblings = sorted(p for p in [*root.glob("seed_*/*"), *root.parent.glob("*"),
-                                              *root.parent.glob("*/seed_*/*")]
-                                  if p.is_dir() and p != root and root not in p.parents)
+                siblings = sorted({p for p in [*root.glob("seed_*/*"), *root.parent.glob("*"),
+                                               *root.parent.glob("*/seed_*/*")] if p.is_dir() and p != root})
                 summary = Pipeline(cfg, reuse_from=siblings, pool=pool).run()
                 runs.append({"seed": seed, "arm": name, "method": arm.method, "rounds": summary["rounds"]})
     finally:
