@@ -29,6 +29,8 @@ def test_compare_config_errors_name_the_problem(tmp_path: Path) -> None:
     final, selection = load_compare(ROOT / "conf/compare.yaml"), load_compare(ROOT / "conf/select.yaml")
     assert set(final.arms) == {"stepdpo", "dpo", "aft"} and final.arms["stepdpo"].rounds == 2
     assert set(selection.base_overrides) - set(final.base_overrides) == {"eval.split=dev"}, "only the split differs"
+    tried = {o for a in selection.arms.values() for o in a.overrides}
+    assert set(final.base_overrides) - set(selection.base_overrides) <= tried, "the control's setting was tried on dev"
     chosen = {(a.method, tuple(a.overrides)) for a in final.arms.values()}
     assert chosen <= {(a.method, tuple(a.overrides)) for a in selection.arms.values()}, "test grades dev's choices"
     bad = tmp_path / "bad.yaml"
