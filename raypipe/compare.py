@@ -110,7 +110,7 @@ def run_compare(cmp: CompareConfig) -> dict[str, Any]:
                 runs.append({"seed": seed, "arm": name, "method": arm.method, "rounds": summary["rounds"]})
     finally:
         pool.shutdown()
-    result = summarise(runs, cmp)
+    result = {**summarise(runs, cmp), "split": first.eval.split}  # graded on test, or on dev in a selection
     root.mkdir(parents=True, exist_ok=True)
     write_atomic(root / "compare.json", json.dumps(result, indent=2))
     write_atomic(root / "compare.md", markdown_table(result))
@@ -185,7 +185,8 @@ def _mean(values: list[Any]) -> float | None:
 
 def markdown_table(result: dict[str, Any]) -> str:
     seeds = len(result["seeds"])
-    lines = [f"Held-out accuracy (greedy, test split) after one round of each method: mean over {seeds} seeds "
+    graded = f"{result['split']} split" if "split" in result else "held-out"  # files before 2026-12-03 lack it
+    lines = [f"Greedy accuracy ({graded}) after one round of each method: mean over {seeds} seeds "
              f"and 95% t-interval; every method {result['round_steps']} optimiser steps from the same SFT "
              "checkpoint on the same samples. Assessment: share of (right, wrong) dev chain pairs scored in the "
              "right order, before -> after. 'its control': SFT continued for the same steps from the same "

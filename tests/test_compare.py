@@ -88,6 +88,7 @@ def test_a_small_comparison_runs_end_to_end(e2e_run: dict, tmp_path: Path) -> No
     starts = {r["rounds"][0]["accuracy_before"] for r in result["runs"]}
     assert len(starts) == 1, "every arm and seed starts from the same checkpoint"
     assert markdown_table(result).count("\n") == 4 + len(result["rows"])
+    assert written["split"] == "dev" and markdown_table(result).startswith("Greedy accuracy (dev split) after")
 
 
 def test_summary_counts_the_shared_control_once_per_seed() -> None:
