@@ -58,6 +58,10 @@ E2E_OVERRIDES = [
     "sampling.questions_per_round=48", "sampling.samples_per_question=6", "sampling.max_new_tokens=48",
     "branch.rollouts=6", "eval.max_new_tokens=48", "engine.batch_size=128", "wandb.mode=offline",
     "model.extra_corpus=[lema]",  # so test_lema's round can start from this run's SFT checkpoint
+    # the quickstart runs SFT to the end of its schedule and skips the assessment; these tests stop SFT mid-band
+    # and check the assessment, as the recipe did before
+    "warmup.optim.lr=1e-3", "warmup.plateau_evals=6", "warmup.min_accuracy=0.2", "eval.assessment_questions=200",
+    "train.packing=false",
 ]
 
 
