@@ -10,7 +10,8 @@ import pytest
 from raypipe.compare import (ArmConfig, CompareConfig, load_compare, markdown_table, mean_interval, run_compare,
                              summarise)
 from raypipe.config import ConfigError
-from raypipe.paired import read_verdicts
+from raypipe.artifacts import read_rows
+from raypipe.data.synthetic import load_splits
 
 from tests.conftest import E2E_OVERRIDES
 
@@ -77,9 +78,8 @@ def test_a_small_comparison_runs_end_to_end(e2e_run: dict, tmp_path: Path) -> No
         assert paired["mean"] == pytest.approx(row["accuracy"]["mean"] - control["mean"], abs=1e-9)
         assert paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1] and paired["n_problems"] == 100
         assert written["rows"][arm]["paired_vs_control"] == paired
-    dev = read_verdicts(result["runs"][0]["rounds"][0]["evaluations"]["after"])
-    test = read_verdicts(e2e_run["cfg"].run_dir / "round_1" / "evaluate")
-    assert len(dev) == len(test) == 100 and not set(dev) & set(test), "eval.split=dev grades dev, never test"
+    graded = {r["question"] for r in read_rows(Path(result["runs"][0]["rounds"][0]["evaluations"]["after"]))}
+    assert graded == {p.question for p in load_splits(e2e_run["cfg"].task)["dev"]}, "eval.split=dev grades dev"
     for seed in (0, 1):  # the second arm trains on the first arm's samples, against the first arm's control
         reused = json.loads((root / f"seed_{seed}" / "aft-rank" / "summary.json").read_text())["stages_reused"]
         assert {"round_0/sft", "round_1/sample", "round_1/grade", "round_1/control"} <= set(reused)
