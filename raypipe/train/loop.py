@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from raypipe.train.logprobs import load_policy
+from raypipe.train.shm_op import clear_stale_build_lock
 
 if TYPE_CHECKING:
     from raypipe.config import OptimConfig, TrainConfig
@@ -116,6 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(cfg.cpus_per_worker)  # Ray leaves OMP_NUM_THREADS=1 in workers
+        clear_stale_build_lock()  # DeepSpeed builds its CPU collective op when the process group starts
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     started = time.perf_counter()
