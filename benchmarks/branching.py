@@ -35,9 +35,10 @@ from raypipe.tasks import make_task
 ROOT = Path(__file__).resolve().parents[1]
 POLICY_CONFIG = ROOT / "conf" / "quickstart.yaml"
 POLICY_OVERRIDES = ["rounds=0", "name=policy", "wandb.mode=disabled"]
-"""The quickstart's round 0 alone (3-operation task, SFT to 50% dev accuracy): a policy right about 60% of the
-time, whose chains have 4 steps, so binary (2 probes) and linear (3 probes) differ. About 6 minutes the first
-time; later runs skip every stage (the artefact store's manifests match)."""
+"""The quickstart's round 0 alone (3-operation task, SFT through its 1,500-step schedule): a policy right about 83%
+of the time, whose chains have 4 steps, so binary (2 probes) and linear (3 probes) differ. About 9 minutes the
+first time; later runs skip every stage (the artefact store's manifests match). `--policy-run runs/quickstart`
+takes the demo's checkpoint instead."""
 
 
 def policy_config(extra: list[str] | None = None) -> RunConfig:
