@@ -26,14 +26,27 @@ def test_mean_interval_is_the_student_t_interval() -> None:
     assert out["low"] == pytest.approx(2 * 0.6 - out["high"])
 
 
+@pytest.mark.parametrize(("final", "selection", "ablations"), [
+    ("compare", "select", set()),
+    ("compare_lema", "select_lema", {"lema.explanations=false"}),  # the hypothesis under test, not a setting
+])
+def test_final_comparisons_grade_only_what_dev_chose(final: str, selection: str, ablations: set[str]) -> None:
+    """A final comparison on test differs from its selection on dev only in the split, takes each arm's and the
+    control's settings from arms the selection tried, and adds nothing but named ablations."""
+    test, dev = load_compare(ROOT / f"conf/{final}.yaml"), load_compare(ROOT / f"conf/{selection}.yaml")
+    assert set(dev.base_overrides) - set(test.base_overrides) == {"eval.split=dev"}, "only the split differs"
+    tried = {o for a in dev.arms.values() for o in a.overrides}
+    assert set(test.base_overrides) - set(dev.base_overrides) <= tried, "the control's setting was tried on dev"
+    dev_arms = {(a.method, tuple(a.overrides)) for a in dev.arms.values()}
+    for arm in test.arms.values():
+        chosen = tuple(o for o in arm.overrides if o not in ablations)
+        assert (arm.method, chosen) in dev_arms, "test grades dev's choices"
+    assert len(set(test.seeds)) >= 3 and set(dev.seeds) <= set(test.seeds)
+
+
 def test_compare_config_errors_name_the_problem(tmp_path: Path) -> None:
-    final, selection = load_compare(ROOT / "conf/compare.yaml"), load_compare(ROOT / "conf/select.yaml")
+    final = load_compare(ROOT / "conf/compare.yaml")
     assert set(final.arms) == {"stepdpo", "dpo", "aft"} and final.arms["stepdpo"].rounds == 2
-    assert set(selection.base_overrides) - set(final.base_overrides) == {"eval.split=dev"}, "only the split differs"
-    tried = {o for a in selection.arms.values() for o in a.overrides}
-    assert set(final.base_overrides) - set(selection.base_overrides) <= tried, "the control's setting was tried on dev"
-    chosen = {(a.method, tuple(a.overrides)) for a in final.arms.values()}
-    assert chosen <= {(a.method, tuple(a.overrides)) for a in selection.arms.values()}, "test grades dev's choices"
     bad = tmp_path / "bad.yaml"
     bad.write_text("arms:\n  x: {method: nope}\n")
     with pytest.raises(ConfigError, match="arm 'x'.*method"):
