@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 
 from raypipe.config import RunConfig, load_config
 from raypipe.engines.base import derive_seed
+from raypipe.results import FIGURES_MARK
 from raypipe.rollout.branching import Brancher, WrongChain, branch_row, localisation_metrics
 from raypipe.rollout.generation import EnginePool
 from raypipe.rollout.sampling import grade_samples, prompt_rows, sample_chains, wrong_chains
@@ -122,12 +123,13 @@ def main(argv: list[str] | None = None) -> None:
 
         chains = wrong_chains(graded, lambda ids: task.step_ends(ids, decode), cfg.branch.max_wrong_per_question)
         steps = [c.num_steps for c in chains]
-        print(f"policy {model_dir} (held-out accuracy {accuracy:.3f}); {len(problems)} questions x "
-              f"{cfg.sampling.samples_per_question} samples in {sample_seconds:.1f} s, sample accuracy "
-              f"{mean(g['correct'] for g in graded):.3f}; {len(chains)} distinct wrong chains "
-              f"(at most {cfg.branch.max_wrong_per_question} per question, {mean(steps):.2f} steps on average); "
-              f"K = {cfg.branch.rollouts} rollouts per probed prefix, temperature {cfg.sampling.temperature}; "
-              f"load average {os.getloadavg()[0]:.2f}", flush=True)
+        header = (f"policy {model_dir} (held-out accuracy {accuracy:.3f}); {len(problems)} questions x "
+                  f"{cfg.sampling.samples_per_question} samples in {sample_seconds:.1f} s, sample accuracy "
+                  f"{mean(g['correct'] for g in graded):.3f}; {len(chains)} distinct wrong chains "
+                  f"(at most {cfg.branch.max_wrong_per_question} per question, {mean(steps):.2f} steps on average); "
+                  f"K = {cfg.branch.rollouts} rollouts per probed prefix, temperature {cfg.sampling.temperature}; "
+                  f"load average {os.getloadavg()[0]:.2f}")
+        print(header, flush=True)
         runs: list[dict[str, Any]] = []
         for repeat in range(args.repeats):
             order = ("binary", "linear") if repeat % 2 == 0 else ("linear", "binary")
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         pool.shutdown()
         ray.shutdown()
+    print(f"\n{FIGURES_MARK}\n{header}")
     report(runs, chains)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

@@ -41,6 +41,7 @@ import torch
 
 from benchmarks.dpo_inputs import Pair, Settings, build_inputs
 from raypipe.config import TrainConfig
+from raypipe.results import FIGURES_MARK
 from raypipe.train.collate import pad_sequences
 from raypipe.train.loop import lr_factor
 from raypipe.train.logprobs import TokenLogProbs
@@ -337,10 +338,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         root = Path(tmp)
         model_dir, pairs = build_inputs(root, args.pairs)
         lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs]
-        print(f"tiny Llama (1.1M parameters, fp32, random init), {len(pairs)} step-level pairs (sequences of "
-              f"{min(lengths)}-{max(lengths)} tokens), batch {s.batch_size} pairs, {s.steps} steps, sigmoid DPO "
-              f"beta {s.beta}, AdamW lr {s.optim.lr}; {s.threads} thread(s) each; {args.rounds} round(s), "
-              "alternating the order", flush=True)
+        header = (f"tiny Llama (1.1M parameters, fp32, random init), {len(pairs)} step-level pairs (sequences of "
+                  f"{min(lengths)}-{max(lengths)} tokens), batch {s.batch_size} pairs, {s.steps} steps, sigmoid DPO "
+                  f"beta {s.beta}, AdamW lr {s.optim.lr}; {s.threads} thread(s) each; {args.rounds} round(s), "
+                  "alternating the order")
+        print(header, flush=True)
         runs: dict[str, list[dict[str, Any]]] = {}
         for k in range(args.rounds):
             for name in args.contenders if k % 2 == 0 else args.contenders[::-1]:
@@ -349,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                 print(f"round {k + 1}, {name}: {r['pairs_per_s']:.1f} pairs/s, {r['tokens_per_s']:,.0f} tokens/s, "
                       f"{r['tokens_per_cpu_s']:,.0f} tokens/CPU-s", flush=True)
     results = {name: max(rs, key=lambda r: r["tokens_per_s"]) for name, rs in runs.items()}
+    print(f"\n{FIGURES_MARK}\n{header}")
     if args.rounds > 1:
         print("\nEach contender's fastest round (other jobs only ever slow a run down); pairs/s over the rounds: " +
               "; ".join(f"{n} {min(r['pairs_per_s'] for r in rs):.1f}-{max(r['pairs_per_s'] for r in rs):.1f}"

@@ -25,6 +25,7 @@ from benchmarks.branching import equal_niceness
 from raypipe.config import load_config
 from raypipe.pipeline import Pipeline
 from raypipe.ray_env import init_ray
+from raypipe.results import FIGURES_MARK
 from raypipe.rollout.generation import EnginePool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def report(run_dir: Path, summary: dict[str, Any], wall: float, ray_start: float
     stage_seconds = summary["rounds"][0]["stage_seconds"] if summary["rounds"] else {}
     round0 = {label.split("/", 1)[1]: manifest(run_dir, label)["seconds"]
               for label in summary["stages_executed"] if label.startswith("round_0/")}
-    print(f"\nrun {run_dir}: {wall:.1f} s in all (Ray start included); load average "
+    print(f"\n{FIGURES_MARK}\nrun {run_dir}: {wall:.1f} s in all (Ray start included); load average "
           f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; reused stages: "
           f"{', '.join(summary['stages_reused']) or 'none'}")
     for title, seconds in (("round 0 (starting policy)", round0), ("round 1", stage_seconds)):

@@ -38,6 +38,7 @@ from transformers import AutoTokenizer
 from benchmarks.branching import policy_config, trained_policy
 from raypipe.engines.base import Generator, SamplingSpec, derive_seed
 from raypipe.grading import grade
+from raypipe.results import FIGURES_MARK
 from raypipe.rollout.generation import EnginePool, generate_rows
 from raypipe.rollout.sampling import prompt_rows
 from raypipe.tasks import make_task
@@ -123,10 +124,11 @@ def main(argv: list[str] | None = None) -> None:
 
     vllm, hf = VLLMGenerator(cfg.engine, model_dir), HFGenerator(cfg.engine, model_dir)
     pool = EnginePool(cfg.engine).use(model_dir)
-    print(f"policy {model_dir} (held-out accuracy {accuracy:.3f}); {len(prompts)} prompts x n={spec.n}, temperature "
-          f"{spec.temperature}, top_p {spec.top_p}, max_tokens {spec.max_tokens}; {batch} prompts per call; "
-          f"engine actor: {cfg.engine.num_cpus} CPUs; {args.repeats} repeat(s); load average {os.getloadavg()[0]:.2f}",
-          flush=True)
+    header = (f"policy {model_dir} (held-out accuracy {accuracy:.3f}); {len(prompts)} prompts x n={spec.n}, "
+              f"temperature {spec.temperature}, top_p {spec.top_p}, max_tokens {spec.max_tokens}; {batch} prompts per "
+              f"call; engine actor: {cfg.engine.num_cpus} CPUs; {args.repeats} repeat(s); load average "
+              f"{os.getloadavg()[0]:.2f}")
+    print(header, flush=True)
     try:
         variants: dict[str, Callable[[int], tuple[float, Outputs]]] = {  # argument: how many prompts
             "vLLM in-process": lambda k: in_process(vllm, prompts[:k], spec, None, batch),
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         pool.shutdown()
         vllm.close()
         ray.shutdown()
+    print(f"\n{FIGURES_MARK}\n{header}")
     report(passes, golds, spec.n, fixed, seeding)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

@@ -25,6 +25,7 @@ import torch
 from raypipe.config import ModelConfig, OptimConfig, TaskConfig, TrainConfig
 from raypipe.data.synthetic import load_splits
 from raypipe.data.tiny_model import save_tiny_model
+from raypipe.results import FIGURES_MARK
 from raypipe.train.collate import pad_sequences
 from raypipe.train.losses import sft_loss
 from raypipe.train.loop import lr_factor
@@ -127,13 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, data, rows = build_inputs(root)
-        print(f"tiny Llama, {len(rows)} SFT rows, batch {args.batch_size}, {args.steps} steps, fp32; tokens/s over "
-              f"steps {args.warmup + 1}..{args.steps} (first {args.warmup} excluded from both); plain loop at "
-              f"niceness {args.niceness}, run before and after the Ray runs", flush=True)
+        figures = [f"tiny Llama, {len(rows)} SFT rows, batch {args.batch_size}, {args.steps} steps, fp32; tokens/s "
+                   f"over steps {args.warmup + 1}..{args.steps} (first {args.warmup} excluded from both); plain loop "
+                   f"at niceness {args.niceness}, run before and after the Ray runs"]
+        print(figures[-1], flush=True)
         plain_args = (args.niceness, model_dir, rows, optim, args.steps, args.warmup, args.cpus)
         before = _plain_in_child(*plain_args)
-        print(f"plain torch loop ({args.cpus} threads): {before['tokens_per_s']:,.0f} tokens/s "
-              f"(final loss {before['final_loss']:.3f})", flush=True)
+        figures.append(f"plain torch loop ({args.cpus} threads): {before['tokens_per_s']:,.0f} tokens/s "
+                       f"(final loss {before['final_loss']:.3f})")
+        print(figures[-1], flush=True)
 
         import ray
 
@@ -143,13 +146,15 @@ def main(argv: list[str] | None = None) -> None:
                    for zero in args.zero}
         ray.shutdown()
         after = _plain_in_child(*plain_args)
-        print(f"plain torch loop again: {after['tokens_per_s']:,.0f} tokens/s", flush=True)
+        figures.append(f"plain torch loop again: {after['tokens_per_s']:,.0f} tokens/s")
         plain = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
         for zero, r in results.items():
-            print(f"run_training ZeRO-{zero} (1 worker, {args.cpus} CPUs): {r['tokens_per_s']:,.0f} tokens/s, "
-                  f"ratio to plain (mean of both) {r['tokens_per_s'] / plain:.2f}; final loss {r['final_loss']:.3f}; "
-                  f"all {args.steps} steps {r['all_steps_tokens_per_s']:,.0f} tokens/s; Ray + DeepSpeed start-up "
-                  f"and export {r['overhead_s']:.1f} s (not in tokens/s)", flush=True)
+            figures.append(f"run_training ZeRO-{zero} (1 worker, {args.cpus} CPUs): {r['tokens_per_s']:,.0f} tokens/s, "
+                           f"ratio to plain (mean of both) {r['tokens_per_s'] / plain:.2f}, to its faster run "
+                           f"{r['tokens_per_s'] / max(before['tokens_per_s'], after['tokens_per_s']):.2f}; final loss "
+                           f"{r['final_loss']:.3f}; all {args.steps} steps {r['all_steps_tokens_per_s']:,.0f} tokens/s; "
+                           f"Ray + DeepSpeed start-up and export {r['overhead_s']:.1f} s (not in tokens/s)")
+        print("\n".join(["", FIGURES_MARK, *figures]), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raypipe.report import format_figure
-from raypipe.results import RECORD_FILE, REPO, RESULTS_DIR
+from raypipe.results import FIGURES_MARK, RECORD_FILE, REPO, RESULTS_DIR
 
 DOCS = ("README.md", "benchmarks/RESULTS.md")
 """The documents whose blocks `make results` renders, relative to the repository."""
@@ -68,10 +68,15 @@ def render_compare(folder: Path) -> str:
 
 
 def render_bench(folder: Path) -> str:
-    """A benchmark's output.txt as the terminal showed it: colour codes dropped, a line redrawn with a
-    carriage return (a progress bar) shown as last drawn."""
+    """A benchmark's closing figures (what follows its last FIGURES_MARK line; the whole output without one) as
+    the terminal showed them: colour codes dropped, a line redrawn with a carriage return (a progress bar) shown
+    as last drawn."""
     text = ANSI.sub("", _read(folder / "output.txt"))
     lines = [line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() for line in text.strip("\n").split("\n")]
+    if FIGURES_MARK in lines:
+        lines = lines[len(lines) - lines[::-1].index(FIGURES_MARK):]
+        while lines and not lines[0]:
+            lines.pop(0)
     fence = "`" * max([3, *(len(run) + 1 for run in re.findall(r"`+", text))])  # longer than any run inside
     return "\n".join([fence + "text", *lines, fence])
 

