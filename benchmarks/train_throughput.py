@@ -27,7 +27,7 @@ from raypipe.data.synthetic import load_splits
 from raypipe.data.tiny_model import save_tiny_model
 from raypipe.results import FIGURES_MARK
 from raypipe.train.collate import pad_sequences
-from raypipe.train.losses import sft_loss
+from raypipe.train.losses import sft_loss, token_logps
 from raypipe.train.loop import lr_factor
 from raypipe.train.objectives import SFTObjective
 
@@ -71,7 +71,7 @@ def plain_loop(model_dir: Path, rows: list, optim: OptimConfig, steps: int, warm
             order = torch.randperm(len(rows), generator=gen).tolist()
         batch, order = [rows[j] for j in order[:optim.batch_size]], order[optim.batch_size:]
         ids, attn, mask = pad_sequences([r[0] for r in batch], [r[1] for r in batch], pad_id=0)  # the tiny tokenizer's <pad>
-        loss = sft_loss(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids, mask)
+        loss = sft_loss(token_logps(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids), mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
         opt.step()

@@ -169,6 +169,23 @@ def test_raypipe_contender_reports_from_the_ray_worker(pairs: list[bench.Pair], 
     assert r["peak_rss_mib"] > 100 and r["reference_s"] > 0 and r["setup_s"] > 0
 
 
+def test_train_throughputs_plain_loop_trains(tiny_model_dir: Path, task_cfg: TaskConfig) -> None:
+    """The SFT benchmark's baseline runs raypipe's loss as the trainer does and lowers it."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.train_throughput import plain_loop
+    from raypipe.config import OptimConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = []
+    for p in load_splits(task_cfg)["sft"][:16]:
+        prompt, solution = (tok(t, add_special_tokens=False)["input_ids"] for t in (p.prompt, p.solution))
+        rows.append((prompt + solution, [0] * len(prompt) + [1] * len(solution)))
+    first = plain_loop(tiny_model_dir, rows, OptimConfig(lr=3e-3, warmup_steps=0, batch_size=8), 1, 0, 1)
+    trained = plain_loop(tiny_model_dir, rows, OptimConfig(lr=3e-3, warmup_steps=0, batch_size=8), 12, 2, 1)
+    assert trained["tokens_per_s"] > 0 and trained["final_loss"] < first["final_loss"] - 0.5
+
+
 def test_gpu_smoke_model_decodes_every_id_of_its_padded_vocabulary(tmp_path: Path) -> None:
     """The smoke run's random model samples any of its vocabulary's ids: each must decode, while the task's text
     still encodes to the tokenizer's own (non-filler) ids. Checked here at a small shape."""
