@@ -52,7 +52,9 @@ test-fast: setup
 test-all: setup browser $(BENCH_DEPS)
 	$(PY) -m pytest -q --timeout=1800
 
+# serve_load serves the demo's trained model: `make demo` first when runs/quickstart is not there yet
 bench: setup $(BENCH_DEPS)
+	test -f runs/quickstart/summary.json || $(VENV)/bin/raypipe run conf/quickstart.yaml
 	$(PY) -m benchmarks all
 
 # the docs' generated result blocks (<!-- results: NAME KIND -->) rendered anew from results/NAME/

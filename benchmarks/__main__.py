@@ -26,6 +26,7 @@ BENCHMARKS = {
     "sampling": "sampling throughput",
     "branching": "step-level branching",
     "end_to_end": "one pipeline round end to end",
+    "serve_load": "serving under load: the Serve app on a trained run (runs/quickstart: `make demo` first)",
 }
 """Name (module under benchmarks/) -> what it measures."""
 

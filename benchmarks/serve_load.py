@@ -6,7 +6,7 @@ latency percentiles of the answered requests, throughput, and how many were turn
 failure). Each concurrency level is measured against the same running app, the first level (one client) being
 the baseline the others' throughput is a ratio of. Afterwards one more request checks the server still answers.
 
-    .venv/bin/python -m benchmarks.serve_load runs/quickstart --requests 64 --concurrency 1 4 16
+    .venv/bin/python -m benchmarks serve_load runs/quickstart --requests 64 --concurrency 1 4 16
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+
+from raypipe.results import FIGURES_MARK
 
 PROMPT = "Start with 5. Add 3. Multiply by 2. What is the result?\n"
 
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         serve.shutdown()
     rows = [r.row() for r in reports]
-    print(f"serve load: {args.requests} requests of {args.max_tokens} tokens per level, limits {args.limits}")
+    print(f"\n{FIGURES_MARK}\nserve load: {args.requests} requests of {args.max_tokens} tokens per level, limits {args.limits}")
     print("| " + " | ".join(rows[0]) + " | throughput vs 1 client |")
     print("|" + "---|" * (len(rows[0]) + 1))
     for row in rows:
