@@ -47,6 +47,7 @@ from raypipe.train.loop import lr_factor
 from raypipe.train.logprobs import TokenLogProbs
 from raypipe.train.losses import sequence_logps, token_logps
 from raypipe.train.objectives import PreferenceObjective
+from raypipe.train.worker_group import close_worker_groups
 
 TRL_VERSION = "1.16.0"
 TRL_DIR = Path(__file__).resolve().parent / ".deps"
@@ -240,6 +241,7 @@ def raypipe_run(model_dir: Path, pairs: list[Pair], s: Settings, out: str, packi
                    epochs=10**6, max_steps=s.steps, max_length=s.max_length, log_path=str(log_path))
     result = run_training(job, TrainConfig(num_workers=1, cpus_per_worker=s.threads, zero_stage=2,
                                            log_every_steps=s.warmup, packing=packing))
+    close_worker_groups()
     ray.shutdown()
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     first, last = next(x for x in lines if x["step"] == s.warmup), lines[-1]

@@ -3,8 +3,10 @@
 Runs `conf/quickstart.yaml` (round 0's SFT, then one Step-DPO round) in a fresh folder under runs/bench/end_to_end
 with stage reuse off, then reads the stage timings back from the run's manifests (round 0) and summary.json
 (`stage_seconds`, round 1). Fixed costs it can separate: starting Ray, starting the engine actor (once per run:
-it lives for the whole run), and Ray Train + DeepSpeed start-up and export in each training stage (the stage's
-wall time less the loop's own training and dev-evaluation time, from train_log.jsonl and the manifest).
+it lives for the whole run), and the start-up and export of each training stage (the stage's wall time less the
+loop's own training and dev-evaluation time, from train_log.jsonl and the manifest). The first training stage
+starts the run's Ray Train worker group, which the later ones reuse (`train.keep_workers`): theirs is the model
+load, the DeepSpeed engine and the export.
 
     .venv/bin/python -m benchmarks.end_to_end
     .venv/bin/python -m benchmarks.end_to_end --reuse-from runs/bench/policy   # round 0 from benchmarks' policy
@@ -27,6 +29,7 @@ from raypipe.pipeline import Pipeline
 from raypipe.ray_env import init_ray
 from raypipe.results import FIGURES_MARK
 from raypipe.rollout.generation import EnginePool
+from raypipe.train.worker_group import close_worker_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_STAGES = ("sft", "train", "control")
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         wall = time.perf_counter() - start
     finally:
         pool.shutdown()
+        close_worker_groups()
         ray.shutdown()
     report(cfg.run_dir, summary, wall, ray_start, pool.start_seconds, load_before, os.getloadavg())
 
@@ -134,7 +138,8 @@ def report(run_dir: Path, summary: dict[str, Any], wall: float, ray_start: float
         if split is not None:
             total, train, dev = split
             print(f"  round_{r}/{stage}: {total:.1f} s = training loop {train:.1f} s + dev evaluation {dev:.1f} s "
-                  f"+ Ray Train / DeepSpeed start-up and export {total - train - dev:.1f} s")
+                  f"+ start-up and export {total - train - dev:.1f} s"
+                  f"{' (starts the worker group the later stages reuse)' if r == 0 else ''}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from raypipe.train.collate import pad_sequences
 from raypipe.train.losses import sft_loss, token_logps
 from raypipe.train.loop import lr_factor
 from raypipe.train.objectives import SFTObjective
+from raypipe.train.worker_group import close_worker_groups
 
 RAY_WORKER_NICENESS = 15
 """What raylet gives its workers by default (flag `worker_niceness`)."""
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}})
         results = {zero: ray_loop(model_dir, data, root, optim, args.steps, args.warmup, zero, args.cpus, log_every)
                    for zero in args.zero}
+        close_worker_groups()
         ray.shutdown()
         after = _plain_in_child(*plain_args)
         figures.append(f"plain torch loop again: {after['tokens_per_s']:,.0f} tokens/s")

@@ -25,6 +25,7 @@ from raypipe.console import terminal
 from raypipe.files import write_atomic
 from raypipe.paired import paired_difference, read_verdicts
 from raypipe.ray_env import init_ray
+from raypipe.train.worker_group import close_worker_groups
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def run_compare(cmp: CompareConfig) -> dict[str, Any]:
                 runs.append({"seed": seed, "arm": name, "method": arm.method, "rounds": summary["rounds"]})
     finally:
         pool.shutdown()
+        close_worker_groups()
     result = {**summarise(runs, cmp), "split": first.eval.split}  # graded on test, or on dev in a selection
     root.mkdir(parents=True, exist_ok=True)
     write_atomic(root / "compare.json", json.dumps(result, indent=2))

@@ -42,6 +42,7 @@ from raypipe.tasks import Problem
 from raypipe.tracking import Tracker
 from raypipe.train.objectives import SFTObjective
 from raypipe.train.reference import add_reference_logps, score_sequences
+from raypipe.train.worker_group import close_worker_groups
 from raypipe.train.trainer import CHECKPOINTS, DevEval, TrainJob
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Pipeline(StageContext):
         finally:
             if self.owns_pool:
                 self.pool.shutdown()
+                close_worker_groups()
         summary = {"run": cfg.name, "method": cfg.method, "run_dir": str(self.run_dir),
                    "warmup": warmup_summary(warmup), "rounds": rounds,
                    "stages_executed": self.store.executed, "stages_skipped": self.store.skipped,

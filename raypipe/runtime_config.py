@@ -85,10 +85,14 @@ class TrainConfig:
     """Pack each micro-batch's sequences (SFT rows, both sides of its preference pairs, AFT chains) into as
     few rows of the longest one's length as they fit, kept apart by position ids that restart per sequence
     (a block-diagonal causal mask): less compute on padding when lengths vary."""
+    keep_workers: bool = True
+    """One Ray Train worker group serves every training stage of the run, so only the first pays its start-up
+    (about 10 s on 2 CPU cores). False: a group per stage, whose processes exit when the stage ends (their GPUs
+    are then free of any CUDA context between stages)."""
     log_every_steps: int = 20
     """Metrics logging interval."""
     checkpoint_every_steps: int = 200
-    """Save a Ray Train checkpoint (DeepSpeed model, optimiser and schedule, step, RNG) into the stage's
+    """Save a checkpoint (DeepSpeed model, optimiser and schedule, step, RNG) into the stage's
     `checkpoints/` every N optimiser steps; a killed training stage resumes from the last one. 0: never. 200: a
     kill costs at most 200 steps (about 80 s of the quickstart's 700-800-step, 5-minute SFT), and the pause for each
     write (weights plus Adam states, three times the model) stays rare; raise it for large models."""

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raypipe.artifacts import KEPT_FINGERPRINT, MANIFEST, ArtifactStore
+from raypipe.train.loop import LATEST
 from raypipe.train.trainer import CHECKPOINTS
 from tests.conftest import E2E_OVERRIDES
 from tests.held_driver import HELD_MARKER
@@ -40,8 +41,6 @@ KILLED = ("sample", "grade", "reference", "train", "assessment_data", "assess", 
 evaluate and assessment_data's twin), a commit within milliseconds (grade; build's twin), Ray Data writing a
 folder (reference, assess), training resumed from a checkpoint (train, control). evaluate_control, the last, is
 left to the final rerun."""
-SNAPSHOT = "checkpoint_manager_snapshot.json"
-"""Ray Train's record of the registered checkpoints, in the run folder: written once a checkpoint is complete."""
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 """Per-node helpers that run no user code and exit about a minute after their raylet (measured: 65 s)."""
 KEYS = {"sample": ("qid", "sample_idx"), "grade": ("qid", "sample_idx"), "branch": ("qid", "sample_idx"),
@@ -65,7 +64,7 @@ def _writing(stage_dir: Path) -> bool:
 
 def _checkpointed(stage_dir: Path) -> bool:
     """The training stage has a complete checkpoint to resume from."""
-    return (stage_dir / CHECKPOINTS / SNAPSHOT).is_file()
+    return (stage_dir / CHECKPOINTS / LATEST).is_file()
 
 
 def _run_until_killed(command: list[str], stage_dir: Path, log: Path, ready: Callable[[Path], bool]) -> None:

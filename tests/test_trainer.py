@@ -25,11 +25,12 @@ from raypipe.config import OptimConfig, TaskConfig, TrainConfig
 from raypipe.data.synthetic import load_splits
 from raypipe.ray_env import init_ray
 from raypipe.train.collate import pad_sequences, truncate_left
-from raypipe.train.loop import lr_factor
+from raypipe.train.loop import LATEST, lr_factor
 from raypipe.train.objectives import AFTObjective, PreferenceObjective, SFTObjective
 from raypipe.train.reference import add_reference_logps
 from raypipe.train.trainer import DevEval, TrainJob, run_training
-from tests.test_resume import ROOT, SNAPSHOT, _session
+from raypipe.train.worker_group import worker_group
+from tests.test_resume import ROOT, _session
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(sft_zero2: dict, tmp_p
         driver = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "job.pkl")], stdout=out,
                                   stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
-        while not (checkpoints / SNAPSHOT).is_file():
+        while not (checkpoints / LATEST).is_file():
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             time.sleep(0.01)
         os.kill(driver.pid, signal.SIGKILL)
@@ -163,8 +164,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(sft_zero2: dict, tmp_p
         for pid in _session(driver.pid):
             os.kill(pid, signal.SIGKILL)
     assert not Path(job.output_dir).exists(), "killed before the export"
-    latest = json.loads((checkpoints / SNAPSHOT).read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
-    step = int(latest.removeprefix("step_"))
+    step = json.loads((checkpoints / LATEST).read_text())["step"]
 
     result = run_training(job, cfg)
     assert result.resumed_from_step == step and step in (2, 4, 6)
@@ -173,6 +173,43 @@ def test_killed_training_resumes_from_its_last_checkpoint(sft_zero2: dict, tmp_p
     assert result.tokens == sft_zero2["result"].tokens, "the same batches, each trained once"
     mine, theirs = _weights(result.output_dir), _weights(sft_zero2["result"].output_dir)
     assert all(torch.allclose(mine[k], theirs[k], atol=1e-5) for k in theirs), "the uninterrupted run's weights"
+
+
+def _training_workers() -> int:
+    """Ray Train worker actors alive in the cluster."""
+    from ray.util.state import list_actors
+
+    return len(list_actors(address=ray.get_runtime_context().gcs_address,
+                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]))
+
+
+def test_worker_group_serves_jobs_in_turn_and_is_replaced_after_a_failure(sft_zero2: dict, tmp_path: Path) -> None:
+    """Jobs in a row run on the one kept worker group (one fit: its start-up is paid once) and each starts clean:
+    the same job twice gives the same weights. A job whose data is missing raises the worker's error on the
+    driver and ends the group; the next job gets a new one. With keep_workers off a job's group ends with it."""
+    cfg = TrainConfig(num_workers=1, zero_stage=2, log_every_steps=1)
+    short = replace(sft_zero2["job"], max_steps=2, log_path=None)
+    first = run_training(replace(short, output_dir=str(tmp_path / "first")), cfg)
+    group = worker_group(cfg)
+    second = run_training(replace(short, output_dir=str(tmp_path / "second")), cfg)
+    assert worker_group(cfg) is group and group.alive, "the same group served both jobs"
+    assert first.steps == second.steps == 2
+    a, b = _weights(first.output_dir), _weights(second.output_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a), "no optimiser or schedule state carried from the first job"
+
+    with pytest.raises(Exception, match="nope.parquet"):
+        run_training(replace(short, data_path=str(tmp_path / "nope.parquet"), output_dir=str(tmp_path / "x")), cfg)
+    assert not group.alive
+    third = run_training(replace(short, output_dir=str(tmp_path / "third")), cfg)
+    assert third.steps == 2 and worker_group(cfg) is not group and worker_group(cfg).alive
+
+    before = _training_workers()
+    own = run_training(replace(short, output_dir=str(tmp_path / "own")), replace(cfg, keep_workers=False))
+    assert own.steps == 2
+    deadline = time.time() + 30
+    while _training_workers() != before and time.time() < deadline:
+        time.sleep(0.5)
+    assert _training_workers() == before == 1, "only the kept group's worker is left"
 
 
 def test_micro_batches_checkpointing_chunks_packing_and_offload_train_like_one_batch(sft_zero2: dict,

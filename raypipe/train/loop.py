@@ -1,23 +1,24 @@
-"""The per-worker body of `run_training`: DeepSpeed on one Ray Train rank.
+"""The per-worker body of `run_training`: DeepSpeed on one Ray Train rank, one job after another.
 
-Every rank runs the same number of steps, log intervals, dev evaluations and `ray.train.report` calls, so the
-collectives inside (DeepSpeed's and ours) always line up. The rank's shard (every `world`-th row of the job's Parquet
-data) is read into memory once, straight from the file.
+A rank serves the jobs its worker group receives (`serve_jobs`) until told to stop, so the process, its imports
+and the process group outlive a training stage. Every rank runs the same number of steps, log intervals and dev
+evaluations, so the collectives inside (DeepSpeed's and ours) always line up. The rank's shard (every `world`-th row
+of the job's Parquet data) is read into memory once, straight from the file.
 
-Every `checkpoint_every` steps each rank saves its part of a DeepSpeed checkpoint (weights, optimiser, lr schedule)
-plus its RNG, and Ray Train merges the parts into one checkpoint of the job's run folder. A rerun of the job starts
-from the latest one: same step counter, same schedule position, and the batches already trained on are skipped, so
-the data order is the uninterrupted run's.
+Every `checkpoint_every` steps each rank writes its part of a DeepSpeed checkpoint (weights, optimiser, lr schedule)
+plus its RNG into the job's checkpoint folder, and rank 0 then marks it complete (`LATEST`). A rerun of the job
+starts from the latest complete one: same step counter, same schedule position, and the batches already trained on
+are skipped, so the data order is the uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from raypipe.files import write_atomic
 from raypipe.train.logprobs import load_policy
 from raypipe.train.shm_op import clear_stale_build_lock
 
@@ -42,8 +44,8 @@ SUMMARY_FILE = "train_summary.json"
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
                     "*.jinja", "*.tiktoken", "spiece.model")
 """What the export copies from the start directory (weights and config come from the trained model)."""
-_DS_TAG = "deepspeed"
-"""DeepSpeed's tag (sub-folder) inside each Ray Train checkpoint."""
+LATEST = "latest.json"
+"""In a job's checkpoint folder: the tag and step of the newest complete checkpoint (written last, by rank 0)."""
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -98,27 +100,47 @@ class _Interval:
     """The objective's per-step statistics, summarised by `Objective.summarise` at the log."""
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker function: load (resuming from Ray Train's latest checkpoint if any), train, log, evaluate
-    on dev, checkpoint, export, report."""
-    import deepspeed
-    import ray
+def serve_jobs(config: dict[str, Any]) -> None:
+    """Ray Train worker function: set the process up once, then run each job from this rank's inbox (a
+    `ray.util.queue.Queue` of `(job, train config, checkpoint_every)`) until it yields None. Rank 0 answers each
+    job on the outbox: None when its export is written, or the error's text when the job raised (then every rank
+    leaves and the worker group ends)."""
     import ray.train
     import ray.train.torch
-    from transformers import AutoTokenizer
 
-    job: TrainJob = config["job"]
-    cfg: TrainConfig = config["train"]
-    checkpoint_every: int = config["checkpoint_every"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
+    inbox, outbox = config["inboxes"][rank], config["outbox"]
     device = ray.train.torch.get_device()
-    if cfg.use_gpu:
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(cfg.cpus_per_worker)  # Ray leaves OMP_NUM_THREADS=1 in workers
-        clear_stale_build_lock()  # DeepSpeed builds its CPU collective op when the process group starts
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    while (message := inbox.get()) is not None:
+        job, cfg, checkpoint_every = message
+        try:
+            if cfg.use_gpu:
+                torch.cuda.set_device(device)
+            else:
+                torch.set_num_threads(cfg.cpus_per_worker)  # Ray leaves OMP_NUM_THREADS=1 in workers
+                clear_stale_build_lock()  # DeepSpeed builds its CPU collective op when the process group starts
+            train_job(job, cfg, checkpoint_every, rank, ctx.get_world_size(), device)
+        except BaseException as err:
+            if rank == 0:
+                outbox.put(f"{type(err).__name__}: {err}")
+            raise
+        finally:  # the next job starts from free memory: DeepSpeed's engine holds reference cycles
+            gc.collect()
+            if cfg.use_gpu:
+                torch.cuda.empty_cache()
+        if rank == 0:
+            outbox.put(None)
+
+
+def train_job(job: TrainJob, cfg: TrainConfig, checkpoint_every: int, rank: int, world: int,
+              device: torch.device) -> None:
+    """One job on this rank: load (resuming from the job's latest checkpoint if any), train, log, evaluate on
+    dev, checkpoint, export."""
+    import deepspeed
+    import ray
+    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     rows, rows_total = _read_rows(job, rank, world)
@@ -145,8 +167,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir, trust_remote_code=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    checkpoint = ray.train.get_checkpoint()
-    state = _restore(engine, checkpoint, rank, job.log_path) if checkpoint else {}
+    checkpoint = latest_checkpoint(job.checkpoint_dir)
+    state = _restore(engine, Path(job.checkpoint_dir), checkpoint["tag"], rank, job.log_path) if checkpoint else {}
     resumed_from = state.get("step", 0)
     if rank == 0:
         log.warning("%s: %d rows/rank x %d ranks, batch %d (micro-batches of %d), %d steps, ZeRO-%d%s; "
@@ -183,8 +205,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics, tokens_total, train_seconds = _log(interval, job, step, total, lr, device, world, rank,
                                                             tokens_total, train_seconds)
                 interval = _Interval()
-            _save_checkpoint(engine, rank, {"step": step, "tokens": tokens_total, "train_seconds": train_seconds,
-                                            "metrics": metrics, "dev_history": dev_history})
+            _save_checkpoint(engine, rank, Path(job.checkpoint_dir),
+                             {"step": step, "tokens": tokens_total, "train_seconds": train_seconds,
+                              "metrics": metrics, "dev_history": dev_history})
             mark = time.perf_counter()
         if step >= total:
             stop_reason = "max_steps" if job.max_steps is not None and job.max_steps <= planned else "epochs"
@@ -198,34 +221,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "rows_per_rank": n_rows, "rows_total": rows_total,
                "worker_nodes": nodes}
     _export(engine, job, zero3, rank, summary)
+    engine.destroy()
     del hf_zero3
-    # Once, at the end: each report blocks until the controller polls (every 2 s), so per-interval reports
-    # would dominate a small model's step time. Train V2 only returns metrics with checkpoints: the driver
-    # reads the summary file instead.
-    ray.train.report(summary)
 
 
-def _save_checkpoint(engine: Any, rank: int, state: dict[str, Any]) -> None:
+def latest_checkpoint(folder: str | None) -> dict[str, Any] | None:
+    """The tag and step of the newest complete checkpoint in a job's checkpoint folder, or None."""
+    marker = Path(folder) / LATEST if folder else None
+    return json.loads(marker.read_text()) if marker is not None and marker.is_file() else None
+
+
+def _save_checkpoint(engine: Any, rank: int, folder: Path, state: dict[str, Any]) -> None:
     """Every rank: its part of DeepSpeed's checkpoint (rank 0 the weights and `state`, each rank its optimiser
-    shard) and its RNG state, handed to Ray Train, which merges the ranks' folders into one checkpoint."""
-    import ray.train
-
+    shard) and its RNG state, in `folder/step_<n>`. Once all have written, rank 0 marks it the latest and removes
+    the older ones: a kill mid-write leaves the previous checkpoint in force."""
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag=_DS_TAG, client_state=state)
-        torch.save(_rng_state(), Path(folder) / f"rng_rank{rank}.pt")
-        ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"step_{state['step']:07d}")
+    tag = f"step_{state['step']:07d}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state=state, save_latest=False)
+    torch.save(_rng_state(), folder / tag / f"rng_rank{rank}.pt")
+    dist.barrier()
     if rank == 0:
+        write_atomic(folder / LATEST, json.dumps({"tag": tag, "step": state["step"]}))
+        for old in folder.glob("step_*"):
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
         log.warning("checkpoint at step %d (%.1f s)", state["step"], time.perf_counter() - start)
 
 
-def _restore(engine: Any, checkpoint: Any, rank: int, log_path: str | None) -> dict[str, Any]:
+def _restore(engine: Any, folder: Path, tag: str, rank: int, log_path: str | None) -> dict[str, Any]:
     """Load a `_save_checkpoint` checkpoint into the engine and this rank's RNG; return its state. Rank 0 cuts the
     log back to the checkpoint's step, so the steps trained again are not logged twice."""
-    with checkpoint.as_directory() as folder:
-        _, state = engine.load_checkpoint(folder, tag=_DS_TAG)
-        rng = torch.load(Path(folder) / f"rng_rank{rank}.pt")
+    _, state = engine.load_checkpoint(str(folder), tag=tag)
+    rng = torch.load(folder / tag / f"rng_rank{rank}.pt")
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"])

@@ -1,19 +1,18 @@
 """The one training entry point: Ray Train workers running DeepSpeed, for every method's objective.
 
-`run_training` is called on the driver (after `ray.init`). It starts a `TorchTrainer` whose workers run
-`raypipe.train.loop.train_loop_per_worker`, each reading its rows of the round's Parquet data. The result comes back from
-rank 0's last `ray.train.report`; the trained weights come back as a normal Hugging Face directory. A job with a
-`checkpoint_dir` checkpoints there and resumes from it (raypipe.train.loop).
+`run_training` is called on the driver (after `ray.init`). It hands the job to a Ray Train worker group
+(raypipe.train.worker_group: one `TorchTrainer` whose workers run `raypipe.train.loop.serve_jobs`, kept for the
+run's later stages), each rank reading its rows of the round's Parquet data. The trained weights come back as a
+normal Hugging Face directory with rank 0's summary in it. A job with a `checkpoint_dir` checkpoints there and
+resumes from it (raypipe.train.loop).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from raypipe.config import OptimConfig, TrainConfig, WarmupConfig, validate_train
 from raypipe.train.objectives import Objective
@@ -102,9 +101,10 @@ class TrainJob:
     lora: LoRAConfig | None = None
     """LoRA adapters instead of full fine-tuning when its rank is > 0; the export is the merged model."""
     checkpoint_dir: str | None = None
-    """Ray Train's run folder for this job: a checkpoint every `train.checkpoint_every_steps` steps, and a rerun
+    """This job's checkpoint folder: a DeepSpeed checkpoint every `train.checkpoint_every_steps` steps, and a rerun
     resumes from the latest one there, so it must belong to this very job (the pipeline keeps it only under the
-    same stage fingerprint, and removes it once the stage is done). None: no checkpoints."""
+    same stage fingerprint, and removes it once the stage is done). None: no checkpoints. Every rank writes its
+    part into it: with workers on several nodes it must be on storage they all see."""
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or (self.max_steps is not None and self.max_steps <= 0):
@@ -139,12 +139,14 @@ class TrainResult:
 
 
 def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
-    """Train `job` on Ray Train workers and export the final weights to `job.output_dir` (a normal HF dir)."""
-    import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    """Train `job` on Ray Train workers and export the final weights to `job.output_dir` (a normal HF dir).
 
-    from raypipe.train.loop import SUMMARY_FILE, train_loop_per_worker
+    The workers are the run's kept worker group for this layout (`train.keep_workers`), or a group of this job's
+    own, ended once it is done."""
+    import ray
+
+    from raypipe.train.loop import SUMMARY_FILE
+    from raypipe.train.worker_group import Layout, WorkerGroup, worker_group
 
     if job.optim.batch_size % cfg.num_workers:
         raise ValueError(f"batch_size {job.optim.batch_size} is not divisible by {cfg.num_workers} workers")
@@ -152,28 +154,15 @@ def run_training(job: TrainJob, cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"checkpoint_every_steps must be >= 0, got {cfg.checkpoint_every_steps}")
     validate_train(cfg)
     start = time.perf_counter()
-    # The controller polls its workers this often (Ray's default 2 s): a stage's end waited up to a whole poll.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if not ray.is_initialized():
         ray.init(num_cpus=8)
     out = Path(job.output_dir).resolve()
-    env_vars: dict[str, Any] = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
-    # A rerun with the same storage_path and name is restored by Ray Train: get_checkpoint() gives the latest.
-    run_dir = (Path(job.checkpoint_dir).resolve() if job.checkpoint_dir
-               else out.parent / "ray_train" / f"{job.kind}-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job, "train": cfg,
-                           "checkpoint_every": cfg.checkpoint_every_steps if job.checkpoint_dir else 0},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
-                                                           **cfg.resources_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             worker_runtime_env={"env_vars": env_vars}),
-    )
-    trainer.fit()
+    group = worker_group(cfg) if cfg.keep_workers else WorkerGroup(Layout.of(cfg))
+    try:
+        group.run(job, cfg, cfg.checkpoint_every_steps if job.checkpoint_dir else 0)
+    finally:
+        if not cfg.keep_workers:
+            group.close()
     final = json.loads((out / SUMMARY_FILE).read_text())
     return TrainResult(
         steps=final["step"], seconds=time.perf_counter() - start, train_seconds=final["train_seconds"],
