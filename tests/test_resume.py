@@ -12,6 +12,7 @@ on CPU, so from the trained model on only counts and keys are compared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -88,8 +89,7 @@ def _run_until_killed(command: list[str], stage_dir: Path, log: Path, ready: Cal
             time.sleep(0.5)
         assert not left, f"processes outlived the killed driver: {left}"
     finally:
-        for pid in _session(driver.pid):  # leave the machine clean for the next run
-            os.kill(pid, signal.SIGKILL)
+        _kill_session(driver.pid)  # leave the machine clean for the next run
 
 
 def _session(sid: int, skip: tuple[str, ...] = ()) -> list[int]:
@@ -105,6 +105,13 @@ def _session(sid: int, skip: tuple[str, ...] = ()) -> list[int]:
         if int(fields[3]) == sid and fields[0] != "Z" and not command.startswith(skip):
             found.append(int(proc.name))
     return found
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL what is left of session `sid`; a process may exit between the listing and its kill."""
+    for pid in _session(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_an_unfinished_stage_keeps_its_checkpoints_only_under_the_same_fingerprint(tmp_path: Path) -> None:

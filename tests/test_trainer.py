@@ -30,7 +30,7 @@ from raypipe.train.objectives import AFTObjective, PreferenceObjective, SFTObjec
 from raypipe.train.reference import add_reference_logps
 from raypipe.train.trainer import DevEval, TrainJob, run_training
 from raypipe.train.worker_group import worker_group
-from tests.test_resume import ROOT, _session
+from tests.test_resume import ROOT, _kill_session
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(sft_zero2: dict, tmp_p
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
-        for pid in _session(driver.pid):
-            os.kill(pid, signal.SIGKILL)
+        _kill_session(driver.pid)
     assert not Path(job.output_dir).exists(), "killed before the export"
     step = json.loads((checkpoints / LATEST).read_text())["step"]
 
