@@ -1,6 +1,6 @@
 """DPO throughput: raypipe's DPO update against TRL 1.16's `DPOTrainer` on the same step-level pairs.
 
-Six contenders train the embedded tiny model (random init, fp32) on the same Step-DPO-shaped pairs (prompt +
+Seven contenders train the embedded tiny model (random init, fp32) on the same Step-DPO-shaped pairs (prompt +
 correct steps so far, correct next step as chosen, that step with a wrong result as rejected; no EOS) with the same
 batch size, steps, optimiser settings and sigmoid loss (beta 0.1). Each runs in a fresh process of its own:
 
@@ -8,6 +8,7 @@ batch size, steps, optimiser settings and sigmoid loss (beta 0.1). Each runs in 
     trl-precomputed    TRL `DPOTrainer(precompute_ref_log_probs=True)`
     raypipe            `run_training` (Ray Train + DeepSpeed ZeRO-2, 1 worker) on the reference stage's Parquet
     raypipe-packed     the same with `train.packing`: each batch's sequences packed into rows, not padded
+    raypipe-shared     packed, and with `train.share_prefix`: each pair's common prefix run once
     plain-precomputed  raypipe's `PreferenceObjective` in a single-process torch loop, reference precomputed
     plain-live         the same loop with a frozen reference model's forward every step: what a live reference costs
 
@@ -52,7 +53,8 @@ from raypipe.train.worker_group import close_worker_groups
 TRL_VERSION = "1.16.0"
 TRL_DIR = Path(__file__).resolve().parent / ".deps"
 """TRL lives here, outside .venv and the project's dependencies: the benchmark's peer, not something raypipe uses."""
-CONTENDERS = ("trl-live", "trl-precomputed", "raypipe", "raypipe-packed", "plain-precomputed", "plain-live")
+CONTENDERS = ("trl-live", "trl-precomputed", "raypipe", "raypipe-packed", "raypipe-shared", "plain-precomputed",
+              "plain-live")
 
 
 def peak_rss_mib() -> float:
@@ -216,9 +218,11 @@ class MeasuredPreference(PreferenceObjective):
                 "cpu_seconds": time.process_time(), "peak_rss_mib": peak_rss_mib()}
 
 
-def raypipe_run(model_dir: Path, pairs: list[Pair], s: Settings, out: str, packing: bool = False) -> dict[str, Any]:
+def raypipe_run(model_dir: Path, pairs: list[Pair], s: Settings, out: str, packing: bool = False,
+                share_prefix: bool = False) -> dict[str, Any]:
     """The pipeline's path: the reference stage (Ray Data) writes ref log-probs, then `run_training` (with
-    `train.packing` when `packing`: each batch's sequences packed side by side instead of padded)."""
+    `train.packing` when `packing`: each batch's sequences packed side by side instead of padded; with
+    `train.share_prefix` when `share_prefix`: each pair's common prefix run once)."""
     import ray
 
     from raypipe.train.reference import add_reference_logps
@@ -240,7 +244,8 @@ def raypipe_run(model_dir: Path, pairs: list[Pair], s: Settings, out: str, packi
                    output_dir=str(root / "trained"), data_path=str(root / "reference"), optim=s.optim,
                    epochs=10**6, max_steps=s.steps, max_length=s.max_length, log_path=str(log_path))
     result = run_training(job, TrainConfig(num_workers=1, cpus_per_worker=s.threads, zero_stage=2,
-                                           log_every_steps=s.warmup, packing=packing))
+                                           log_every_steps=s.warmup, packing=packing,
+                                           share_prefix=share_prefix))
     close_worker_groups()
     ray.shutdown()
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
@@ -272,6 +277,7 @@ def run_contender(name: str, model_dir: Path, pairs: list[Pair], s: Settings, ni
         "trl-precomputed": partial(trl_run, precompute=True, out=str(out)),
         "raypipe": partial(raypipe_run, out=str(out)),
         "raypipe-packed": partial(raypipe_run, out=str(out), packing=True),
+        "raypipe-shared": partial(raypipe_run, out=str(out), packing=True, share_prefix=True),
         "plain-precomputed": partial(plain_run, live=False),
         "plain-live": partial(plain_run, live=True),
     }[name]
@@ -293,14 +299,15 @@ def _report(results: dict[str, dict[str, Any]], s: Settings) -> None:
           "depends little on other jobs; peak RSS: VmHWM of the process that trains (for raypipe the Ray Train "
           "worker; Ray's daemons and driver are not counted); start-up: model load and TRL's trainer set-up (its "
           "reference pass when precomputing), raypipe's Ray Train + DeepSpeed start-up and export.")
-    for name in ("raypipe", "raypipe-packed"):
+    for name in ("raypipe", "raypipe-packed", "raypipe-shared"):
         if name not in results:
             continue
         r = results[name]
         print(f"{name} also spent: ray.init {r['ray_init_s']:.1f} s, reference stage (Ray Data) "
               f"{r['reference_s']:.1f} s")
     pairs = [("raypipe", "trl-live"), ("raypipe", "trl-precomputed"), ("raypipe-packed", "trl-precomputed"),
-             ("raypipe-packed", "raypipe"), ("plain-live", "trl-live"),
+             ("raypipe-shared", "trl-precomputed"), ("raypipe-packed", "raypipe"),
+             ("raypipe-shared", "raypipe-packed"), ("plain-live", "trl-live"),
              ("plain-precomputed", "trl-precomputed"), ("raypipe", "plain-precomputed"),
              ("plain-precomputed", "plain-live"), ("trl-precomputed", "trl-live")]
     for a, b in pairs:

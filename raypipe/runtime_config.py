@@ -85,6 +85,10 @@ class TrainConfig:
     """Pack each micro-batch's sequences (SFT rows, both sides of its preference pairs, AFT chains) into as
     few rows of the longest one's length as they fit, kept apart by position ids that restart per sequence
     (a block-diagonal causal mask): less compute on padding when lengths vary."""
+    share_prefix: bool = False
+    """Preference pairs (DPO, Step-DPO, IPO): run each pair's common prefix once, the chosen and rejected
+    continuations after it under a mask that keeps them apart; Step-DPO's pairs share all but one step, so a
+    step computes nearly half the tokens. Same loss up to rounding. Needs sdpa or eager attention."""
     keep_workers: bool = True
     """One Ray Train worker group serves every training stage of the run, so only the first pays its start-up
     (about 10 s on 2 CPU cores). False: a group per stage, whose processes exit when the stage ends (their GPUs

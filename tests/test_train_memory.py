@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raypipe.config import ConfigError, OptimConfig, TaskConfig, TrainConfig, load_config
 from raypipe.data.synthetic import generate_split
-from raypipe.train.collate import pack_lines, pad_sequences
+from raypipe.train.collate import CHOSEN, PREFIX, REJECTED, pack_lines, pad_sequences, share_prefix_layout
 from raypipe.train.logprobs import TokenLogProbs, load_policy
 from raypipe.train.loop import _Interval, _train_step, build_ds_config
 from raypipe.train.losses import sequence_logps
@@ -167,6 +167,81 @@ def test_packed_preference_loss_equals_unpacked(tiny_model_dir: Path, tok) -> No
     torch.testing.assert_close(losses[1][1]["chosen"], losses[0][1]["chosen"], rtol=1e-9, atol=1e-9)
 
 
+def _step_pairs(tok) -> list[tuple[list[int], list[int], list[int], list[int]]]:
+    """Step-DPO-shaped pairs: a worked solution against the same one with its last tokens changed, scored from
+    partway into the shared part; plus a pair with nothing in common, one whose chosen side is a prefix of its
+    rejected side, and identical sides."""
+    pairs = []
+    for k, (ids, mask) in enumerate(_rows(tok, 6)):
+        cut = len(ids) - 3 - k % 3
+        rejected = ids[:cut] + [(t + 7) % len(tok) for t in ids[cut:]] + ids[-k % 2:] * (k % 2)
+        scored = max(1, cut - 4)
+        pairs.append((ids, [0] * scored + [1] * (len(ids) - scored),
+                      rejected, [0] * scored + [1] * (len(rejected) - scored)))
+    (a, am), (b, bm) = _rows(tok, 2, "sft")
+    pairs += [([9] + a, [0] + am, [11] + b, [0] + bm), (a[:20], am[:20], a[:30], am[:30]), (b, bm, b, bm)]
+    return pairs
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_shared_prefix_scores_pairs_as_unshared(tiny_model_dir: Path, tok, attention: str, chunk: int) -> None:
+    """Each pair run as one sequence with its common prefix once: the same per-token log-probs, preference loss
+    and gradients as the padded pair batch, on fewer tokens."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64,
+                                                 attn_implementation=attention)
+    pairs = _step_pairs(tok)
+    seqs, masks = [p[0] for p in pairs] + [p[2] for p in pairs], [p[1] for p in pairs] + [p[3] for p in pairs]
+    ids, attn, mask = pad_sequences(seqs, masks, tok.pad_token_id)
+    ran: list[int] = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: ran.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    results = []
+    for share in (False, True):
+        path = TokenLogProbs(model, chunk, share_prefix=share)
+        logps = path(input_ids=ids, attention_mask=attn, loss_mask=mask, pairs=True)
+        (sequence_logps(logps, mask) * torch.arange(1.0, len(seqs) + 1, dtype=logps.dtype)).sum().backward()
+        results.append((logps.detach(), _grads(model)))
+    hook.remove()
+    assert ran[1] < 0.7 * ran[0], ran
+    # Llama's RMSNorm (and eager attention's softmax) run in fp32 even in an fp64 model: eager's softmax now sums
+    # each row over more masked keys, and a prefix state's gradient sums both sides before the cast instead of
+    # after it, which moves log-probs and gradients by a few 1e-8 (letting a rejected token see the chosen ones
+    # moves them by 1e-2)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-7, atol=1e-7)
+    _assert_close_grads(results[1][1], results[0][1], 1e-6)
+
+    objective = PreferenceObjective("sigmoid", beta=0.1, nll_weight=0.5)
+    batch = [(*p, -20.0 - k, -21.0 - k) for k, p in enumerate(pairs)]
+    losses = [objective.step(TokenLogProbs(model, chunk, share_prefix=share), batch, tok.pad_token_id)[0]
+              for share in (False, True)]
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-8)
+
+
+def test_shared_prefix_layout_keeps_rejected_tokens_from_the_chosen_ones() -> None:
+    """Pair (1 2 3 4, 1 2 5): prefix 1 2 once, chosen 3 4 at positions 2-3, rejected 5 at position 2; 5 sees
+    the prefix and itself, not 3 or 4."""
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 0]])
+    layout = share_prefix_layout(ids, (ids > 0).long(), torch.tensor([[0, 0, 1, 1], [0, 0, 1, 0]]))
+    assert layout.ids.tolist() == [[1, 2, 3, 4, 5]] and layout.positions.tolist() == [[0, 1, 2, 3, 2]]
+    assert layout.branch.tolist() == [[PREFIX, PREFIX, CHOSEN, CHOSEN, REJECTED]]
+    allowed = layout.attention_mask("bool", torch.float32)[0, 0]
+    assert allowed[4].tolist() == [True, True, False, False, True]
+    assert allowed[3].tolist() == [True, True, True, True, False]
+    # chosen's 3 and 4 read states 1 and 2; rejected's 5 reads state 1, the prefix's end
+    assert layout.sources[1].tolist() == [1, 2, 1] and layout.targets.tolist() == [3, 4, 5]
+    assert [r.tolist() for r in layout.rows] == [[0, 0, 1], [1, 2, 1]]
+    additive = layout.attention_mask("additive", torch.float32)[0, 0]
+    assert additive[4, 2] == torch.finfo(torch.float32).min and additive[4, 1] == 0
+
+
+def test_shared_prefix_needs_an_attention_that_takes_a_mask(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ConfigError, match="share_prefix"):
+        TokenLogProbs(model, 16, share_prefix=True)
+
+
 # ---------------------------------------------------------------- micro-batches (gradient accumulation)
 
 def _preference_rows(tok) -> list[dict]:
@@ -292,6 +367,20 @@ def test_deepspeed_accumulation_equals_one_batch(process_group, tiny_model_dir: 
             assert acc_log.stats.keys() == one_log.stats.keys()
             for key in one_log.stats:
                 torch.testing.assert_close(acc_log.stats[key][0], one_log.stats[key][0], rtol=1e-5, atol=1e-6)
+
+
+def test_deepspeed_zero3_step_with_shared_prefixes_equals_the_padded_one(process_group, tiny_model_dir: Path,
+                                                                         tok) -> None:
+    """`pairs=True` reaches TokenLogProbs through DeepSpeed's engine, and ZeRO-3's gathered layers take the 4D
+    mask: one DPO step with shared prefixes and micro-batches of 2 pairs moves the weights as the padded step."""
+    objective = PreferenceObjective("sigmoid", beta=0.1)
+    rows = [(*p, -20.0 - k, -21.0 - k) for k, p in enumerate(_step_pairs(tok))]
+    one, one_log = _one_step(tiny_model_dir, TrainConfig(zero_stage=3), objective, rows, tok.pad_token_id, 8)
+    shared = TrainConfig(zero_stage=3, micro_batch_size=2, logits_chunk_tokens=16, share_prefix=True)
+    acc, acc_log = _one_step(tiny_model_dir, shared, objective, rows, tok.pad_token_id, 8)
+    start = {f"model.{k}": v for k, v in _model(tiny_model_dir, torch.float32).state_dict().items()}
+    _assert_close_grads({k: start[k] - acc[k] for k in start}, {k: start[k] - one[k] for k in start}, 1e-4)
+    assert float(acc_log.loss) == pytest.approx(float(one_log.loss), rel=1e-5)
 
 
 # ---------------------------------------------------------------- checkpointing, dtype, configs

@@ -16,6 +16,12 @@ restarting at each sequence and no 2D attention mask: transformers then builds a
 from the position ids (masking_utils.find_packed_sequence_indices; tested with sdpa and eager attention), so
 no sequence sees another. The log-probs come back in the padded layout, so the objectives do
 not know whether the batch was packed.
+
+With `share_prefix`, a preference batch (rows i and n + i the chosen and rejected sides of pair i) runs each
+pair's common prefix once: the pair becomes one sequence, prefix + chosen continuation + rejected continuation,
+both continuations positioned right after the prefix, and a 4D attention mask keeps the rejected tokens from
+seeing the chosen ones. Step-level pairs share all but their last step, so this nearly halves the tokens a DPO
+step computes. The mask is an explicit one (sdpa or eager attention).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from raypipe.config import ConfigError
-from raypipe.train.collate import pack_lines
+from raypipe.train.collate import pack_lines, share_prefix_layout
 from raypipe.train.losses import token_logps
 
 if TYPE_CHECKING:
@@ -39,6 +45,11 @@ _LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logit
 """Config fields of models whose logits are not the plain output layer (Gemma 2's soft-capping, Cohere's
 scale, Granite's divisor), with the value that makes them plain. The chunked path computes `lm_head(hidden)`
 only."""
+
+
+_MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
+"""Attention implementations that take an explicit 4D mask, and the form they take it in (sdpa: True where a
+token may attend; eager: 0 there and the dtype's minimum elsewhere, added to the scores)."""
 
 
 def check_plain_head(model: Any) -> None:
@@ -68,24 +79,32 @@ class TokenLogProbs(torch.nn.Module):
 
     `equal_calls`: all-reduce the chunk count so every rank calls the output layer equally often (ZeRO-3
     gathers its weight at each call, a collective every rank must join); set it under ZeRO-3 with several
-    ranks. `packing`: run the rows packed (the module docstring), for right-padded batches.
+    ranks. `packing`: run the rows packed (the module docstring), for right-padded batches. `share_prefix`: run
+    each preference pair's common prefix once when `forward` is told the batch is pairs (the module docstring).
     """
 
     def __init__(self, model: Any, chunk_tokens: int, equal_calls: bool = False,
-                 packing: bool = False) -> None:
+                 packing: bool = False, share_prefix: bool = False) -> None:
         super().__init__()
         if chunk_tokens < 0:
             raise ConfigError(f"train.logits_chunk_tokens={chunk_tokens} must be >= 0")
         if chunk_tokens:
             check_plain_head(model)
+        attention = getattr(model.config, "_attn_implementation", None)
+        if share_prefix and attention not in _MASK_KINDS:
+            raise ConfigError(f"train.share_prefix needs an explicit attention mask, which {attention!r} "
+                              f"attention does not take: load the model with one of {sorted(_MASK_KINDS)}")
         self.model, self.chunk_tokens = model, chunk_tokens
-        self.equal_calls, self.packing = equal_calls, packing
+        self.equal_calls, self.packing, self.share_prefix = equal_calls, packing, share_prefix
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, pairs: bool = False) -> Tensor:
+        """`pairs`: rows i and B/2 + i are the chosen and rejected sides of one preference pair."""
+        if pairs and self.share_prefix:
+            return self._shared(input_ids, attention_mask, loss_mask)
         if self.packing:
             return self._packed(input_ids, attention_mask, loss_mask)
         return self._logps(input_ids, loss_mask, attention_mask=attention_mask)
@@ -123,19 +142,41 @@ class TokenLogProbs(torch.nn.Module):
         if not self.chunk_tokens:
             return token_logps(self.model(**inputs).logits, input_ids).masked_fill(~scored, 0.0)
         hidden = self.model.get_decoder()(**inputs).last_hidden_state
-        states, targets = hidden[:, :-1][scored], input_ids[:, 1:][scored]
+        values = self._head_logps(hidden[:, :-1][scored], input_ids[:, 1:][scored])
+        zero = hidden[:, :-1, 0].to(values.dtype) * 0  # attached to the graph even when nothing is scored
+        return zero.masked_scatter(scored, values)
+
+    def _head_logps(self, states: Tensor, targets: Tensor) -> Tensor:
+        """log softmax(lm_head(states))[targets], `chunk_tokens` states at a time."""
         size = self.chunk_tokens
         calls = max(1, -(-len(targets) // size))
         if self.equal_calls and dist.is_initialized():
-            count = torch.tensor([calls], device=hidden.device)
+            count = torch.tensor([calls], device=states.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             calls = int(count.item())
         head = self.model.get_output_embeddings()
-        values = torch.cat([checkpoint(_chunk_logps, head, states[i * size:(i + 1) * size],
-                                       targets[i * size:(i + 1) * size], use_reentrant=False)
-                            for i in range(calls)])
-        zero = hidden[:, :-1, 0].to(values.dtype) * 0  # attached to the graph even when nothing is scored
-        return zero.masked_scatter(scored, values)
+        return torch.cat([checkpoint(_chunk_logps, head, states[i * size:(i + 1) * size],
+                                     targets[i * size:(i + 1) * size], use_reentrant=False)
+                          for i in range(calls)])
+
+    def _shared(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+        """The (B, T-1) log-probs of a pair batch, each pair run as one sequence: its common prefix, then the
+        chosen and the rejected continuations, both at the positions that follow the prefix."""
+        layout = share_prefix_layout(input_ids, attention_mask, loss_mask)
+        mask = layout.attention_mask(_MASK_KINDS[self.model.config._attn_implementation],
+                                     next(self.model.parameters()).dtype)
+        inputs = {"input_ids": layout.ids, "attention_mask": mask, "position_ids": layout.positions,
+                  "use_cache": False}
+        lines, columns = layout.sources
+        if self.chunk_tokens:
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state
+            values = self._head_logps(hidden[lines, columns], layout.targets)
+        else:
+            hidden = self.model(**inputs).logits
+            values = _chunk_logps(torch.nn.Identity(), hidden[lines, columns], layout.targets)
+        zero = hidden[:1, :1, 0].to(values.dtype) * 0  # attached to the graph even when nothing is scored
+        out = zero.expand(input_ids.shape[0], input_ids.shape[1] - 1)
+        return out.index_put(layout.rows, values)
 
 
 def load_policy(model_dir: str, cfg: TrainConfig, lora: LoRAConfig | None,
@@ -153,7 +194,8 @@ def load_policy(model_dir: str, cfg: TrainConfig, lora: LoRAConfig | None,
     if lora is not None and lora.rank:
         model = _with_lora(model, lora)
     model.train()  # from_pretrained leaves eval mode, where checkpointing and dropout (LoRA's too) are off
-    return TokenLogProbs(model, cfg.logits_chunk_tokens, equal_calls=equal_calls, packing=cfg.packing)
+    return TokenLogProbs(model, cfg.logits_chunk_tokens, equal_calls=equal_calls, packing=cfg.packing,
+                         share_prefix=cfg.share_prefix)
 
 
 def _with_lora(model: Any, lora: LoRAConfig) -> Any:

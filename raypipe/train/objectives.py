@@ -39,12 +39,12 @@ PREFERENCE_LOSSES = ("sigmoid", "ipo")
 
 
 def _forward(engine: Any, seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
-             pad_id: int) -> tuple[Tensor, Tensor]:
+             pad_id: int, **kwargs: Any) -> tuple[Tensor, Tensor]:
     """One padded forward pass of a `TokenLogProbs` (or the engine wrapping one): (token log-probs (B, T-1),
-    loss_mask (B, T)) on its device."""
+    loss_mask (B, T)) on its device. `kwargs` go to `TokenLogProbs.forward`."""
     ids, attn, mask = pad_sequences(seqs, masks, pad_id)
     ids, attn, mask = ids.to(engine.device), attn.to(engine.device), mask.to(engine.device)
-    return engine(input_ids=ids, attention_mask=attn, loss_mask=mask), mask
+    return engine(input_ids=ids, attention_mask=attn, loss_mask=mask, **kwargs), mask
 
 
 def _scored(mask: Sequence[int]) -> int:
@@ -82,8 +82,9 @@ class SFTObjective:
 class PreferenceObjective:
     """DPO-family loss on (chosen, rejected) rows against precomputed reference log-probs.
 
-    Chosen and rejected share one forward pass. Sigmoid DPO scores summed log-probs (Step-DPO's rule); IPO scores
-    token-averaged ones, as TRL does, so its target margin 1/(2 beta) does not grow with the answer's length.
+    Chosen and rejected share one forward pass (with `train.share_prefix`, their common prefix is run once).
+    Sigmoid DPO scores summed log-probs (Step-DPO's rule); IPO scores token-averaged ones, as TRL does, so its
+    target margin 1/(2 beta) does not grow with the answer's length.
     """
 
     loss_type: str = "sigmoid"
@@ -114,7 +115,7 @@ class PreferenceObjective:
         totals = self.totals(batch) if totals is None else totals
         n = len(batch)
         token_logps, mask = _forward(engine, [r[0] for r in batch] + [r[2] for r in batch],
-                                     [r[1] for r in batch] + [r[3] for r in batch], pad_id)
+                                     [r[1] for r in batch] + [r[3] for r in batch], pad_id, pairs=True)
         logps = sequence_logps(token_logps, mask)
         ref = torch.tensor([[r[4], r[5]] for r in batch], dtype=logps.dtype, device=logps.device)
         if self.loss_type == "ipo":
