@@ -276,8 +276,9 @@ def test_a_lema_round_end_to_end(e2e_run: dict, served: dict, monkeypatch: pytes
                  "engine.num_cpus=1"]  # the Serve app holds some of the session cluster's CPUs
     cfg = load_config(Path(__file__).resolve().parents[1] / "conf" / "quickstart.yaml", [*E2E_OVERRIDES, *overrides])
     cfg.lema.evolve_questions = 8
+    # within the served app's 2 running + 2 queued, so overload's 503s (tested in test_serving) never reach here
     cfg.lema.mistake_models = [ModelCallConfig(base_url=f"{served['url']}/v1", model="raypipe",
-                                               api_key_env="RAYPIPE_TEST_API_KEY", cache_dir=None)]
+                                               api_key_env="RAYPIPE_TEST_API_KEY", cache_dir=None, max_concurrency=2)]
     summary = Pipeline(cfg).run()
     assert "round_0/sft" in summary["stages_reused"], "the e2e run's SFT checkpoint stands in"
     (round_1,) = summary["rounds"]

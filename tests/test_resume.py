@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raypipe.artifacts import KEPT_FINGERPRINT, MANIFEST, ArtifactStore
-from raypipe.train.loop import LATEST
+from raypipe.train.checkpoint import LATEST
 from raypipe.train.trainer import CHECKPOINTS
 from tests.conftest import E2E_OVERRIDES
 from tests.held_driver import HELD_MARKER

@@ -40,7 +40,7 @@ def test_serve_run_starts_the_app_from_the_serve_config(tiny_model_dir: Path, tm
             time.sleep(2)
         assert [m["id"] for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]] == ["raypipe"]
         answer = requests.post(f"{url}/v1/completions", json={"model": "raypipe", "prompt": "Start with 5.",
-                                                              "max_tokens": 8}, timeout=60)
+                                                              "max_tokens": 8}, timeout=300)
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] > 0
         assert "raypipe demo" in requests.get(url + "/", timeout=30).text
     finally:

@@ -25,7 +25,8 @@ from raypipe.config import OptimConfig, TaskConfig, TrainConfig
 from raypipe.data.synthetic import load_splits
 from raypipe.ray_env import init_ray
 from raypipe.train.collate import pad_sequences, truncate_left
-from raypipe.train.loop import LATEST, lr_factor
+from raypipe.train.checkpoint import LATEST
+from raypipe.train.loop import lr_factor
 from raypipe.train.objectives import AFTObjective, PreferenceObjective, SFTObjective
 from raypipe.train.reference import add_reference_logps
 from raypipe.train.trainer import DevEval, TrainJob, run_training

@@ -6,9 +6,9 @@ evaluations, so the collectives inside (DeepSpeed's and ours) always line up. Th
 of the job's Parquet data) is read into memory once, straight from the file.
 
 Every `checkpoint_every` steps each rank writes its part of a DeepSpeed checkpoint (weights, optimiser, lr schedule)
-plus its RNG into the job's checkpoint folder, and rank 0 then marks it complete (`LATEST`). A rerun of the job
-starts from the latest complete one: same step counter, same schedule position, and the batches already trained on
-are skipped, so the data order is the uninterrupted run's.
+plus its RNG into the job's checkpoint folder (`raypipe.train.checkpoint`). A rerun of the job starts from the
+latest complete one: same step counter, same schedule position, and the batches already trained on are skipped, so
+the data order is the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from raypipe.files import write_atomic
+from raypipe.train.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from raypipe.train.logprobs import load_policy
 from raypipe.train.shm_op import clear_stale_build_lock
 
@@ -44,8 +44,6 @@ SUMMARY_FILE = "train_summary.json"
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
                     "*.jinja", "*.tiktoken", "spiece.model")
 """What the export copies from the start directory (weights and config come from the trained model)."""
-LATEST = "latest.json"
-"""In a job's checkpoint folder: the tag and step of the newest complete checkpoint (written last, by rank 0)."""
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -168,7 +166,7 @@ def train_job(job: TrainJob, cfg: TrainConfig, checkpoint_every: int, rank: int,
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir, trust_remote_code=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     checkpoint = latest_checkpoint(job.checkpoint_dir)
-    state = _restore(engine, Path(job.checkpoint_dir), checkpoint["tag"], rank, job.log_path) if checkpoint else {}
+    state = restore_checkpoint(engine, Path(job.checkpoint_dir), checkpoint["tag"], rank, job.log_path) if checkpoint else {}
     resumed_from = state.get("step", 0)
     if rank == 0:
         log.warning("%s: %d rows/rank x %d ranks, batch %d (micro-batches of %d), %d steps, ZeRO-%d%s; "
@@ -205,7 +203,7 @@ def train_job(job: TrainJob, cfg: TrainConfig, checkpoint_every: int, rank: int,
                 metrics, tokens_total, train_seconds = _log(interval, job, step, total, lr, device, world, rank,
                                                             tokens_total, train_seconds)
                 interval = _Interval()
-            _save_checkpoint(engine, rank, Path(job.checkpoint_dir),
+            save_checkpoint(engine, rank, Path(job.checkpoint_dir),
                              {"step": step, "tokens": tokens_total, "train_seconds": train_seconds,
                               "metrics": metrics, "dev_history": dev_history})
             mark = time.perf_counter()
@@ -223,52 +221,6 @@ def train_job(job: TrainJob, cfg: TrainConfig, checkpoint_every: int, rank: int,
     _export(engine, job, zero3, rank, summary)
     engine.destroy()
     del hf_zero3
-
-
-def latest_checkpoint(folder: str | None) -> dict[str, Any] | None:
-    """The tag and step of the newest complete checkpoint in a job's checkpoint folder, or None."""
-    marker = Path(folder) / LATEST if folder else None
-    return json.loads(marker.read_text()) if marker is not None and marker.is_file() else None
-
-
-def _save_checkpoint(engine: Any, rank: int, folder: Path, state: dict[str, Any]) -> None:
-    """Every rank: its part of DeepSpeed's checkpoint (rank 0 the weights and `state`, each rank its optimiser
-    shard) and its RNG state, in `folder/step_<n>`. Once all have written, rank 0 marks it the latest and removes
-    the older ones: a kill mid-write leaves the previous checkpoint in force."""
-    start = time.perf_counter()
-    tag = f"step_{state['step']:07d}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state=state, save_latest=False)
-    torch.save(_rng_state(), folder / tag / f"rng_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        write_atomic(folder / LATEST, json.dumps({"tag": tag, "step": state["step"]}))
-        for old in folder.glob("step_*"):
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
-        log.warning("checkpoint at step %d (%.1f s)", state["step"], time.perf_counter() - start)
-
-
-def _restore(engine: Any, folder: Path, tag: str, rank: int, log_path: str | None) -> dict[str, Any]:
-    """Load a `_save_checkpoint` checkpoint into the engine and this rank's RNG; return its state. Rank 0 cuts the
-    log back to the checkpoint's step, so the steps trained again are not logged twice."""
-    _, state = engine.load_checkpoint(str(folder), tag=tag)
-    rng = torch.load(folder / tag / f"rng_rank{rank}.pt")
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"])
-    if rank == 0 and log_path and Path(log_path).is_file():
-        lines = Path(log_path).read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= state["step"]]
-        Path(log_path).write_text("".join(line + "\n" for line in kept))
-    return state
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    """torch's CPU RNG, and the current GPU's when there is one (dropout draws from them)."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
 
 
 def _hf_zero3_config(ds_config: dict[str, Any]) -> Any:
