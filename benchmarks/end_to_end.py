@@ -8,8 +8,11 @@ loop's own training and dev-evaluation time, from train_log.jsonl and the manife
 starts the run's Ray Train worker group, which the later ones reuse (`train.keep_workers`): theirs is the model
 load, the DeepSpeed engine and the export.
 
+`--policy-run RUN` takes round 0 (the starting policy) from a finished run of the same config and times round 1
+only, its first training stage then being the one that starts the worker group.
+
     .venv/bin/python -m benchmarks.end_to_end
-    .venv/bin/python -m benchmarks.end_to_end --reuse-from runs/bench/policy   # round 0 from benchmarks' policy
+    .venv/bin/python -m benchmarks.end_to_end --policy-run runs/quickstart     # round 1 only, after `make demo`
 """
 
 from __future__ import annotations
@@ -56,6 +59,17 @@ class TimedPool(EnginePool):
         return self
 
 
+def round0_only(policy_run: Path, folder: Path) -> Path:
+    """A run folder whose only round is `policy_run`'s round 0 (a link), so that reusing from it leaves round 1 to
+    run: the whole of `policy_run` would stand in for round 1 too."""
+    source = policy_run.resolve() / "round_0"
+    if not (source / "sft" / "manifest.json").is_file():
+        raise SystemExit(f"--policy-run {policy_run}: no finished round_0/sft there (run `make demo` first)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "round_0").symlink_to(source, target_is_directory=True)
+    return folder
+
+
 def manifest(run_dir: Path, label: str) -> dict[str, Any]:
     return json.loads((run_dir / label / "manifest.json").read_text())
 
@@ -89,12 +103,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse-from", action="append", default=[],
                         help="run folder whose finished stages with matching fingerprints stand in for this run's "
                              "(default: none, every stage runs)")
+    parser.add_argument("--policy-run", help="a finished run folder of the same config whose round-0 stages (the "
+                                             "starting policy) stand in for this run's: only round 1 is timed")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args(argv)
 
     name = time.strftime("%Y%m%d-%H%M%S")
     cfg = load_config(args.config, [*args.overrides, f"output_dir={Path(args.output_dir).resolve()}", f"name={name}",
                                     "reuse_runs=false"])
+    reuse_from = [Path(p).resolve() for p in args.reuse_from]
+    if args.policy_run:
+        reuse_from.append(round0_only(Path(args.policy_run), cfg.run_dir.with_name(f"{name}-policy")))
     equal_niceness()
     load_before = os.getloadavg()
     start = time.perf_counter()
@@ -102,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     ray_start = time.perf_counter() - start
     pool = TimedPool(cfg.engine)
     try:
-        summary = Pipeline(cfg, reuse_from=[Path(p).resolve() for p in args.reuse_from], pool=pool).run()
+        summary = Pipeline(cfg, reuse_from=reuse_from, pool=pool).run()
         wall = time.perf_counter() - start
     finally:
         pool.shutdown()
@@ -131,15 +150,17 @@ def report(run_dir: Path, summary: dict[str, Any], wall: float, ray_start: float
             print(f"| {stage} | {s:.1f} | {s / total:.0%} | {detail(metrics, stage)} |")
     counted = sum(round0.values()) + sum(stage_seconds.values())
     print(f"\nfixed costs: Ray start {ray_start:.1f} s; engine actor start "
-          f"{'-' if engine_start is None else f'{engine_start:.1f} s'} (once per run, inside round_0/evaluate); "
-          f"driver outside stages (W&B, summary, plot) {wall - ray_start - counted:.1f} s")
-    for r, stage in [(0, "sft"), *((1, s) for s in TRAINING_STAGES[1:])]:
-        split = training_overhead(run_dir, f"round_{r}/{stage}")
+          f"{'-' if engine_start is None else f'{engine_start:.1f} s'} (once per run, inside its first stage that "
+          f"generates); driver outside stages (W&B, summary, plot) {wall - ray_start - counted:.1f} s")
+    first = True
+    for label in ["round_0/sft", *(f"round_1/{s}" for s in TRAINING_STAGES[1:])]:
+        split = training_overhead(run_dir, label)
         if split is not None:
             total, train, dev = split
-            print(f"  round_{r}/{stage}: {total:.1f} s = training loop {train:.1f} s + dev evaluation {dev:.1f} s "
+            print(f"  {label}: {total:.1f} s = training loop {train:.1f} s + dev evaluation {dev:.1f} s "
                   f"+ start-up and export {total - train - dev:.1f} s"
-                  f"{' (starts the worker group the later stages reuse)' if r == 0 else ''}")
+                  f"{' (starts the worker group the later stages reuse)' if first else ''}")
+            first = False
 
 
 if __name__ == "__main__":

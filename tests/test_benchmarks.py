@@ -211,3 +211,20 @@ def test_gpu_smoke_peaks_fall_in_each_stage_window() -> None:
     readings = [(10.0, 500.0), (11.0, 9000.0), (12.0, 700.0), (20.0, 4000.0)]
     assert peaks(readings, {"a": (9.5, 12.5), "b": (19.0, 21.0), "c": (30.0, 31.0)}) == {
         "a": 9000.0, "b": 4000.0, "c": None}
+
+
+def test_end_to_end_policy_run_stands_in_for_round_0_only(tmp_path: Path) -> None:
+    """`--policy-run` must reuse the starting policy and nothing after it: a folder offering the whole finished
+    run would let its round 1 stand in too, and the benchmark would time nothing."""
+    from benchmarks.end_to_end import round0_only
+
+    run = tmp_path / "quickstart"
+    for label in ("round_0/sft", "round_0/evaluate", "round_1/train"):
+        (run / label).mkdir(parents=True)
+        (run / label / "manifest.json").write_text("{}")
+    folder = round0_only(run, tmp_path / "bench" / "x-policy")
+    assert sorted(p.name for p in folder.iterdir()) == ["round_0"]
+    assert (folder / "round_0").resolve() == (run / "round_0").resolve()
+    assert (folder / "round_0" / "sft" / "manifest.json").is_file()
+    with pytest.raises(SystemExit, match="no finished round_0/sft"):
+        round0_only(tmp_path / "missing", tmp_path / "bench" / "y-policy")
