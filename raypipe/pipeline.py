@@ -41,7 +41,7 @@ from raypipe.stage_context import StageContext, carried, data_path, model_dir
 from raypipe.tasks import Problem
 from raypipe.tracking import Tracker
 from raypipe.train.objectives import SFTObjective
-from raypipe.train.reference import add_reference_logps, score_sequences
+from raypipe.train.reference import score_sequences, write_reference_logps
 from raypipe.train.worker_group import close_worker_groups
 from raypipe.train.trainer import CHECKPOINTS, DevEval, TrainJob
 
@@ -263,9 +263,8 @@ class Pipeline(StageContext):
         def body(out: Path) -> dict[str, Any]:
             if data.metrics["rows"]:
                 self.pool.make_room()
-                dataset = add_reference_logps(ray.data.read_parquet(str(data_path(data))), model_dir(policy),
-                                              max_length=max_length, **self._scoring())
-                dataset.repartition(1).write_parquet(str(out / "data"))
+                write_reference_logps(str(data_path(data)), out / "data", model_dir(policy), max_length=max_length,
+                                      **self._scoring())
             return {"rows": data.metrics["rows"]}
 
         fingerprint = (max_length, train.bf16, train.logits_chunk_tokens)

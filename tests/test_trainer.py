@@ -28,7 +28,7 @@ from raypipe.train.collate import pad_sequences, truncate_left
 from raypipe.train.checkpoint import LATEST
 from raypipe.train.loop import lr_factor
 from raypipe.train.objectives import AFTObjective, PreferenceObjective, SFTObjective
-from raypipe.train.reference import add_reference_logps
+from raypipe.train.reference import add_reference_logps, write_reference_logps
 from raypipe.train.trainer import DevEval, TrainJob, run_training
 from raypipe.train.worker_group import worker_group
 from tests.test_resume import ROOT, _kill_session
@@ -251,6 +251,26 @@ def test_dpo_starts_at_log2_with_precomputed_reference(ray_cluster, tiny_model_d
     assert abs(lines[0]["loss"] - math.log(2)) < 1e-4, lines[0]
     assert any("accuracy" in k for k in lines[0]) and any("reward" in k for k in lines[0]), lines[0].keys()
     assert lines[-1]["loss"] < lines[0]["loss"], "every step sees all 16 pairs: the loss must fall"
+
+
+def test_reference_stage_writes_the_pairs_in_the_order_it_read_them(ray_cluster, tiny_model_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """The written file is the training set and its row order the batch order: out of order, a rerun of the stage
+    trains on other batches (it did, before the order was kept: same pairs, another model)."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = _ids(tok, "12 + 7 = 19, 19 * 2 = 38\n")
+    assert len(ids) >= 10
+    rows = pd.DataFrame([{"row": i, "chosen_ids": ids[: 4 + i % 5], "chosen_mask": [1] * (4 + i % 5),
+                          "rejected_ids": ids[: 3 + i % 7], "rejected_mask": [1] * (3 + i % 7)} for i in range(48)])
+    source = tmp_path / "pairs"
+    source.mkdir()
+    for k, part in enumerate(range(0, 48, 6)):  # several files: several read tasks, blocks that can overtake
+        rows.iloc[part:part + 6].to_parquet(source / f"part-{k:02d}.parquet")
+    write_reference_logps(str(source), tmp_path / "out", str(tiny_model_dir), batch_size=2, num_actors=2,
+                          max_length=64)
+    written = pd.read_parquet(tmp_path / "out")
+    assert written["row"].tolist() == list(range(48))
+    assert written["ref_chosen_logps"].notna().all() and (written["ref_chosen_logps"] < 0).all()
 
 
 def test_zero3_two_workers_stops_at_first_dev_eval(ray_cluster, tiny_model_dir: Path, splits,

@@ -9,6 +9,9 @@ Precomputing means training holds one model instead of two and runs one forward 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pyarrow as pa
 import ray.data
 import torch
@@ -89,3 +92,16 @@ def add_reference_logps(pairs: ray.data.Dataset, model_dir: str, batch_size: int
     return score_sequences(pairs, model_dir, ("chosen", "rejected"), prefix="ref_", batch_size=batch_size,
                            num_actors=num_actors, use_gpu=use_gpu, max_length=max_length, num_cpus=num_cpus,
                            num_gpus=num_gpus, bf16=bf16, logits_chunk_tokens=logits_chunk_tokens)
+
+
+def write_reference_logps(pairs_path: str, out_dir: Path, model_dir: str, **scoring: Any) -> None:
+    """The reference stage: the pairs at `pairs_path` with their reference log-probs (add_reference_logps;
+    `scoring` is its keywords) as one parquet file in `out_dir`, the rows in the order they were read.
+
+    That order is the training set's batch order, and by default Ray Data lets a block that finishes early overtake
+    one still in flight: two runs of one stage then trained on the same pairs in different batches and ended with
+    different models.
+    """
+    pairs = ray.data.read_parquet(pairs_path)
+    pairs.context.execution_options.preserve_order = True  # a read gives its dataset a context of its own
+    add_reference_logps(pairs, model_dir, **scoring).repartition(1).write_parquet(str(out_dir))
