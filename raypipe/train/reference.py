@@ -103,5 +103,5 @@ def write_reference_logps(pairs_path: str, out_dir: Path, model_dir: str, **scor
     different models.
     """
     pairs = ray.data.read_parquet(pairs_path)
-    pairs.context.execution_options.preserve_order = True  # a read gives its dataset a context of its own
+    pairs.context.execution_options.preserve_order = True  # not always enough: see its test
     add_reference_logps(pairs, model_dir, **scoring).repartition(1).write_parquet(str(out_dir))
